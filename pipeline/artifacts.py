@@ -1,0 +1,290 @@
+"""The versioned artifact store.
+
+Every stage writes one directory ``<root>/<dataset>/<stage>/v<FORMAT>-<digest>/``. The digest is a
+hash of the canonical JSON of the stage name, its format version, its resolved parameters and the
+versions of its parents (a Merkle chain), so the same inputs give the same directory and a changed
+parameter gives new directories for exactly the stages below it. Source code is never hashed.
+
+Publishing is atomic: the stage writes into a temporary sibling ``.tmp-<version>-<pid>-<token>``;
+``manifest.json`` is written last, then the directory is renamed into place and the stage's
+``latest`` pointer (a symlink) is swapped atomically. A crash leaves at most a temporary directory,
+which the next publish of that stage removes once its process is gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from . import __version__
+from .errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+DIGEST_CHARS = 16
+_PACKAGES = ("numpy", "pyarrow", "numba", "luigi", "gensim", "torch", "torchvision")
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no spaces: the same value always gives the same bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_root() -> Path:
+    """The artifact root when none is configured: ``GROVE_ARTIFACTS`` or ``./artifacts``."""
+    return Path(os.environ.get("GROVE_ARTIFACTS") or "artifacts")
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """The address of one version of one stage of one dataset."""
+
+    root: Path
+    dataset: str
+    stage: str
+    format_version: int
+    digest: str
+
+    @property
+    def version(self) -> str:
+        return f"v{self.format_version}-{self.digest}"
+
+    @property
+    def stage_dir(self) -> Path:
+        return Path(self.root) / self.dataset / self.stage
+
+    @property
+    def path(self) -> Path:
+        return self.stage_dir / self.version
+
+    @property
+    def key(self) -> str:
+        """Root-relative name recorded in children's manifests: ``dataset/stage/version``."""
+        return f"{self.dataset}/{self.stage}/{self.version}"
+
+    def exists(self) -> bool:
+        """True only for a published (complete) version: its manifest is there."""
+        return (self.path / MANIFEST).is_file()
+
+
+def make_ref(
+    root: str | os.PathLike,
+    dataset: str,
+    stage: str,
+    format_version: int,
+    params: Mapping[str, Any],
+    parents: Mapping[str, ArtifactRef],
+) -> ArtifactRef:
+    """The reference a stage with these parameters and parents publishes to."""
+    payload = {
+        "stage": stage,
+        "format": format_version,
+        "params": params,
+        "parents": {name: ref.key for name, ref in sorted(parents.items())},
+    }
+    digest = hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:DIGEST_CHARS]
+    return ArtifactRef(Path(root), dataset, stage, int(format_version), digest)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "grove": __version__}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(stage_dir: Path) -> list[Path]:
+    """Remove temporaries whose writing process no longer runs. Returns what was removed.
+
+    The artifact root is assumed to be written from one host (a local disk), as the pid check says.
+    """
+    removed = []
+    if not stage_dir.is_dir():
+        return removed
+    for tmp in stage_dir.glob(f"{TMP_PREFIX}*"):
+        parts = tmp.name[len(TMP_PREFIX) :].rsplit("-", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or _pid_alive(int(parts[1])):
+            continue
+        log.info("removing stale temporary %s (its process %s is gone)", tmp, parts[1])
+        shutil.rmtree(tmp)
+        removed.append(tmp)
+    return removed
+
+
+def _list_files(directory: Path) -> dict[str, dict[str, Any]]:
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            rel = path.relative_to(directory).as_posix()
+            files[rel] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+    return files
+
+
+def _write_json_durably(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def set_pointer(stage_dir: Path, name: str, version: str) -> None:
+    """Point ``stage_dir/name`` (a symlink) at ``version``, replacing any old pointer atomically."""
+    tmp = stage_dir / f".{name}-{os.getpid()}-{secrets.token_hex(4)}"
+    os.symlink(version, tmp)
+    os.replace(tmp, stage_dir / name)
+
+
+def read_pointer(stage_dir: Path, name: str = LATEST) -> str | None:
+    link = stage_dir / name
+    return os.readlink(link) if link.is_symlink() else None
+
+
+def publish(
+    ref: ArtifactRef,
+    write: Callable[[Path], Mapping[str, Any] | None],
+    params: Mapping[str, Any],
+    parents: Mapping[str, ArtifactRef],
+) -> dict:
+    """Run ``write(tmp_dir)`` and publish what it wrote as ``ref``; return the manifest.
+
+    ``write`` fills the directory and may return extra manifest fields (``rows``, ``metrics``...).
+    If another process published the same version meanwhile, its copy is kept and ours dropped.
+    """
+    ref.stage_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(ref.stage_dir)
+    if ref.exists():
+        return read_manifest(ref.path)
+    tmp = ref.stage_dir / f"{TMP_PREFIX}{ref.version}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    started = time.perf_counter()
+    try:
+        extra = dict(write(tmp) or {})
+        manifest = {
+            "dataset": ref.dataset,
+            "stage": ref.stage,
+            "format": ref.format_version,
+            "version": ref.version,
+            "digest": ref.digest,
+            "params": params,
+            "parents": {name: p.key for name, p in sorted(parents.items())},
+            "seconds": round(time.perf_counter() - started, 3),
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "packages": package_versions(),
+            **extra,
+        }
+        manifest["files"] = _list_files(tmp)
+        _write_json_durably(tmp / MANIFEST, manifest)
+        try:
+            os.rename(tmp, ref.path)
+        except OSError:
+            if not ref.exists():
+                raise
+            log.info("%s was published by another process meanwhile; keeping that copy", ref.key)
+            shutil.rmtree(tmp)
+            return read_manifest(ref.path)
+        _fsync_dir(ref.stage_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    set_pointer(ref.stage_dir, LATEST, ref.version)
+    log.info("published %s (%.1f s)", ref.key, manifest["seconds"])
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike, verify: str = "size") -> dict:
+    """The manifest of the artifact at ``path``, after checking the files it lists.
+
+    verify: ``"none"``, ``"size"`` (every file exists with its recorded size) or ``"sha256"``
+    (also recompute every digest). Raises ArtifactError naming the file and what differs.
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(
+            f"{path}: no {MANIFEST}; this artifact is missing or was never completed. "
+            "Run the stage again to rebuild it."
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{manifest_path}: unreadable manifest ({exc}); delete {path} and rebuild") from exc
+    if verify == "none":
+        return manifest
+    for rel, info in manifest.get("files", {}).items():
+        f = path / rel
+        if not f.is_file():
+            raise ArtifactError(f"{f}: listed in the manifest but missing; delete {path} and rebuild")
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise ArtifactError(
+                f"{f}: {size} bytes, the manifest says {info['bytes']}; the file is truncated or changed. "
+                f"Delete {path} and rebuild."
+            )
+        if verify == "sha256":
+            actual = file_sha256(f)
+            if actual != info["sha256"]:
+                raise ArtifactError(
+                    f"{f}: sha256 {actual} does not match the manifest's {info['sha256']}; the file is corrupt. "
+                    f"Delete {path} and rebuild."
+                )
+    return manifest
+
+
+def list_versions(root: str | os.PathLike, dataset: str, stage: str) -> list[dict]:
+    """Manifests of every published version of a stage, oldest first; ``latest`` is marked."""
+    stage_dir = Path(root) / dataset / stage
+    if not stage_dir.is_dir():
+        return []
+    latest = read_pointer(stage_dir)
+    out = []
+    for d in stage_dir.iterdir():
+        if d.is_dir() and not d.is_symlink() and not d.name.startswith(".") and (d / MANIFEST).is_file():
+            m = read_manifest(d, verify="none")
+            m["path"] = str(d)
+            m["latest"] = d.name == latest
+            out.append(m)
+    return sorted(out, key=lambda m: (m.get("created_utc", ""), m["version"]))

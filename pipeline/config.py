@@ -1,0 +1,225 @@
+"""Dataset configs: one TOML file per dataset, validated before any work starts.
+
+A config says what a dataset is (its sources with checksums) and every hyperparameter of every
+stage. Users add a dataset by adding a file to ``configs/`` or to a directory of their own named by
+``GROVE_CONFIGS`` (several directories separated by ``os.pathsep``; earlier ones win).
+
+Validation is strict: an unknown section or key, a value of the wrong type, or a source without a
+checksum is a ``ConfigError`` naming the file and the key, raised before anything is downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .exact import METRICS
+
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+_REQUIRED = object()
+
+KINDS = ("idx", "word2vec", "food101")
+
+# section -> key -> (accepted types, default). Lists are written as ("list", item type).
+_SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
+    "dataset": {
+        "name": (str, _REQUIRED),
+        "kind": (str, _REQUIRED),
+        "description": (str, ""),
+        "mirror_subdir": (str, None),
+    },
+    "decode": {
+        # idx: the source names holding the images and labels of each split
+        "train_images": (str, None),
+        "train_labels": (str, None),
+        "test_images": (str, None),
+        "test_labels": (str, None),
+    },
+    "embed": {
+        "model": (str, "pixels"),
+        "metric": (str, "euclidean"),
+        "scale": (float, 1.0),
+    },
+    "split": {
+        "method": (str, "column"),
+        "n_queries": (int, 0),
+        "seed": (int, 0),
+    },
+    "exact": {
+        "k": (int, 100),
+    },
+    "forest": {
+        "n_trees": (("list", int), [10, 50]),
+        "leaf_size": (int, 0),
+        "seed": (int, 0),
+    },
+    "evaluate": {
+        "k": (int, 10),
+        "search_k": (("list", int), [100, 1000, 10000]),
+        "n_queries": (int, 1000),
+    },
+}
+
+_SOURCE_SCHEMA: dict[str, tuple[Any, Any]] = {
+    "filename": (str, _REQUIRED),
+    "urls": (("list", str), []),
+    "sha256": (str, None),
+    "md5": (str, None),
+}
+
+_CHOICES = {
+    ("dataset", "kind"): KINDS,
+    ("embed", "model"): ("pixels",),
+    ("embed", "metric"): METRICS,
+    ("split", "method"): ("column", "holdout"),
+}
+
+
+def config_dirs(extra: str | os.PathLike | None = None) -> list[Path]:
+    """Where configs are looked up, first match wins: ``extra``, ``GROVE_CONFIGS``, the packaged ones."""
+    dirs: list[Path] = []
+    if extra:
+        dirs.append(Path(extra))
+    for part in os.environ.get("GROVE_CONFIGS", "").split(os.pathsep):
+        if part:
+            dirs.append(Path(part))
+    dirs.append(PACKAGED_CONFIGS)
+    return dirs
+
+
+def available_datasets(extra: str | os.PathLike | None = None) -> list[str]:
+    names = set()
+    for d in config_dirs(extra):
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.toml"))
+    return sorted(names)
+
+
+def find_config(dataset: str, extra: str | os.PathLike | None = None) -> Path:
+    for d in config_dirs(extra):
+        candidate = d / f"{dataset}.toml"
+        if candidate.is_file():
+            return candidate
+    searched = ", ".join(str(d) for d in config_dirs(extra))
+    known = ", ".join(available_datasets(extra)) or "none"
+    raise ConfigError(
+        f"unknown dataset {dataset!r}: no {dataset}.toml in {searched}; known datasets: {known}. "
+        "Add a config file or set GROVE_CONFIGS to a directory that has one."
+    )
+
+
+def _type_name(t: Any) -> str:
+    if isinstance(t, tuple) and t and t[0] == "list":
+        return f"a list of {t[1].__name__}"
+    return t.__name__
+
+
+def _check_value(path: Path, key: str, value: Any, expected: Any) -> Any:
+    if isinstance(expected, tuple) and expected and expected[0] == "list":
+        item_type = expected[1]
+        if not isinstance(value, list) or not all(_is_type(v, item_type) for v in value):
+            raise ConfigError(f"{path}: key {key} must be {_type_name(expected)}, got {value!r}")
+        return [_coerce(v, item_type) for v in value]
+    if not _is_type(value, expected):
+        raise ConfigError(
+            f"{path}: key {key} must be {_type_name(expected)}, got {type(value).__name__} {value!r}"
+        )
+    return _coerce(value, expected)
+
+
+def _is_type(value: Any, expected: type) -> bool:
+    if isinstance(value, bool):  # TOML booleans are not numbers
+        return expected is bool
+    if expected is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, expected)
+
+
+def _coerce(value: Any, expected: type) -> Any:
+    return float(value) if expected is float else value
+
+
+def _fill_section(path: Path, section: str, raw: Any, schema: dict[str, tuple[Any, Any]]) -> dict:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: [{section}] must be a table, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(schema))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown key {section}.{unknown[0]}; known keys of [{section}]: {', '.join(sorted(schema))}"
+        )
+    out = {}
+    for key, (expected, default) in schema.items():
+        if key in raw:
+            out[key] = _check_value(path, f"{section}.{key}", raw[key], expected)
+        elif default is _REQUIRED:
+            raise ConfigError(f"{path}: missing required key {section}.{key}")
+        else:
+            out[key] = copy.deepcopy(default)
+        choices = _CHOICES.get((section.split(".")[0], key))
+        if choices and out[key] not in choices:
+            raise ConfigError(f"{path}: {section}.{key} = {out[key]!r} is not one of {', '.join(choices)}")
+    return out
+
+
+def validate(raw: dict, path: Path) -> dict:
+    """Check a parsed TOML document against the schema; return it with every default filled in."""
+    unknown = sorted(set(raw) - set(_SCHEMA) - {"sources"})
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown section [{unknown[0]}]; known sections: "
+            f"{', '.join(sorted([*_SCHEMA, 'sources']))}"
+        )
+    cfg = {section: _fill_section(path, section, raw.get(section, {}), schema) for section, schema in _SCHEMA.items()}
+    if cfg["dataset"]["name"] != path.stem:
+        raise ConfigError(f"{path}: dataset.name is {cfg['dataset']['name']!r} but the file is named {path.name}")
+    cfg["dataset"]["mirror_subdir"] = cfg["dataset"]["mirror_subdir"] or cfg["dataset"]["name"]
+    sources = raw.get("sources", {})
+    if not isinstance(sources, dict) or not sources:
+        raise ConfigError(f"{path}: needs at least one [sources.<name>] table")
+    cfg["sources"] = {}
+    for name, src in sources.items():
+        entry = _fill_section(path, f"sources.{name}", src, _SOURCE_SCHEMA)
+        if not entry["sha256"] and not entry["md5"]:
+            raise ConfigError(
+                f"{path}: sources.{name} has no checksum: add sha256 (or md5 where that is what the publisher gives)"
+            )
+        cfg["sources"][name] = entry
+    _check_kind(cfg, path)
+    if not cfg["forest"]["n_trees"] or min(cfg["forest"]["n_trees"]) < 1:
+        raise ConfigError(f"{path}: forest.n_trees must list at least one positive number")
+    if not cfg["evaluate"]["search_k"]:
+        raise ConfigError(f"{path}: evaluate.search_k must list at least one value")
+    cfg["_path"] = str(path)
+    return cfg
+
+
+def _check_kind(cfg: dict, path: Path) -> None:
+    if cfg["dataset"]["kind"] == "idx":
+        for key in ("train_images", "train_labels", "test_images", "test_labels"):
+            name = cfg["decode"][key]
+            if name is None:
+                raise ConfigError(f"{path}: an idx dataset needs decode.{key} naming one of its sources")
+            if name not in cfg["sources"]:
+                raise ConfigError(
+                    f"{path}: decode.{key} = {name!r} is not a source; sources: {', '.join(cfg['sources'])}"
+                )
+
+
+def load_config(dataset: str, config_dir: str | os.PathLike | None = None) -> dict:
+    """The validated config of ``dataset`` (see ``find_config`` for the lookup order)."""
+    path = find_config(dataset, config_dir)
+    return load_config_file(path)
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return validate(raw, path)

@@ -1,0 +1,104 @@
+"""The stages of one dataset's chain, fetch -> decode -> embed -> split -> exact / forest -> evaluate."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import luigi
+
+from pipeline import stages
+
+from .base import GroveTask, grove
+
+log = logging.getLogger("luigi-interface")
+
+
+class Fetch(GroveTask):
+    stage = "fetch"
+
+    def write(self, tmp: Path):
+        cache = grove().artifact_root() / self.dataset / ".downloads"
+        return stages.write_fetch(self.cfg, tmp, cache, grove().mirror_prefix(), self.report)
+
+
+class Decode(GroveTask):
+    stage = "decode"
+
+    def parent_tasks(self):
+        return {"fetch": self.clone(Fetch)}
+
+    def write(self, tmp: Path):
+        return stages.write_decode(self.cfg, self.parent_path("fetch"), tmp, self.report)
+
+
+class Embed(GroveTask):
+    stage = "embed"
+
+    def parent_tasks(self):
+        return {"decode": self.clone(Decode)}
+
+    def write(self, tmp: Path):
+        return stages.write_embed(self.cfg, self.parent_path("decode"), tmp, self.report)
+
+
+class Split(GroveTask):
+    stage = "split"
+
+    def parent_tasks(self):
+        return {"embed": self.clone(Embed)}
+
+    def write(self, tmp: Path):
+        return stages.write_split(self.cfg, self.parent_path("embed"), tmp, self.report)
+
+
+class Exact(GroveTask):
+    stage = "exact"
+
+    def parent_tasks(self):
+        return {"split": self.clone(Split)}
+
+    def write(self, tmp: Path):
+        return stages.write_exact(self.cfg, self.parent_path("split"), tmp, self.report)
+
+
+class Forest(GroveTask):
+    stage = "forest"
+    n_trees = luigi.IntParameter(description="number of trees of this index")
+
+    def stage_params(self):
+        return stages.stage_params(self.cfg, self.stage, n_trees=self.n_trees)
+
+    def parent_tasks(self):
+        return {"split": self.clone(Split)}
+
+    def write(self, tmp: Path):
+        return stages.write_forest(self.cfg, self.parent_path("split"), tmp, self.n_trees,
+                                   grove().thread_count(), self.report)
+
+
+class Evaluate(GroveTask):
+    stage = "evaluate"
+
+    def parent_tasks(self):
+        forests = {f"forest_{n}": self.clone(Forest, n_trees=n) for n in self.cfg["forest"]["n_trees"]}
+        return {"split": self.clone(Split), "exact": self.clone(Exact), **forests}
+
+    def write(self, tmp: Path):
+        forests = {task.n_trees: self.parent_path(name) for name, task in self.parent_tasks().items()
+                   if isinstance(task, Forest)}
+        out = stages.write_evaluate(self.cfg, self.parent_path("split"), self.parent_path("exact"), forests, tmp,
+                                    self.report)
+        rows = json.loads((tmp / "results.json").read_text())["rows"]
+        log.info("%s evaluation:\n%s", self.dataset, stages.format_results(rows, self.cfg["evaluate"]["k"]))
+        return out
+
+
+class Chain(luigi.WrapperTask):
+    """Everything for one dataset: fetched, embedded, indexed and evaluated."""
+
+    dataset = luigi.Parameter(description="dataset name: a configs/<dataset>.toml")
+
+    def requires(self):
+        return self.clone(Evaluate)
