@@ -13,6 +13,8 @@ as listed by ``importlib.metadata.files(<distribution>)``, e.g.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import http.client
 import importlib.metadata
@@ -24,7 +26,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -126,17 +128,22 @@ def fetch(urls: Sequence[str], dest: str | Path, *, sha256: str | None = None, m
         raise ConfigError(f"backoff must be >= 0 and timeout > 0 for {dest.name}, "
                           f"got backoff={backoff!r}, timeout={timeout!r}")
 
-    if dest.exists():
-        mismatch = _mismatch(dest, expected)
-        if mismatch is None:
-            log.info("%s is already present and verified; nothing to download", dest)
-            return dest
-        log.warning("%s exists but its %s is %s, expected %s; downloading it again",
-                    dest, mismatch[0], mismatch[2], mismatch[1])
-
+    if _verified(dest, expected):
+        log.info("%s is already present and verified; nothing to download", dest)
+        return dest
+    before = _identity(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(dest.parent):
+        if _identity(dest) != before and _verified(dest, expected):
+            log.info("%s was downloaded and verified by another process meanwhile", dest)
+            return dest
+        return _download(urls, dest, expected, retries, backoff, timeout, _Progress(dest.name, progress))
+
+
+def _download(urls: list[str], dest: Path, expected: dict[str, str], retries: int, backoff: float,
+              timeout: float, report: _Progress) -> Path:
+    """The mirror and retry loop of ``fetch``, run while holding the lock on ``dest.parent``."""
     part = dest.with_name(dest.name + ".part")
-    report = _Progress(dest.name, progress)
     attempts: list[str] = []
     mismatches: list[str] = []
     for url in urls:
@@ -210,6 +217,45 @@ def _checked_urls(urls: Sequence[str], dest: Path) -> list[str]:
             raise ConfigError(f"unsupported URL {url!r} for {dest.name}: the scheme must be one of "
                               f"{', '.join(s + '://' for s in SCHEMES)}")
     return urls
+
+
+def _verified(path: Path, expected: dict[str, str]) -> bool:
+    """True if ``path`` exists with every expected digest; logs why an existing file is not accepted."""
+    if not path.is_file():
+        return False
+    mismatch = _mismatch(path, expected)
+    if mismatch is not None:
+        log.warning("%s exists but its %s is %s, expected %s; downloading it again",
+                    path, mismatch[0], mismatch[2], mismatch[1])
+    return mismatch is None
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of ``path``, or None if it does not exist: tells whether it was replaced."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock (flock) on ``directory`` so that two processes (overlapping cron
+    runs, two local schedulers) never append to the same ``.part`` file; closing the descriptor frees it."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is downloading into %s; waiting for it to finish", directory)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            # Some network file systems refuse flock on a directory; one process alone is still correct.
+            log.warning("cannot lock %s (%s); concurrent downloads into it are not serialised", directory, exc)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _mismatch(path: Path, expected: dict[str, str]) -> tuple[str, str, str] | None:

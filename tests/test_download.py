@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.metadata
 import logging
+import os
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -247,6 +251,24 @@ def test_verified_dest_does_no_network(server: LoopbackServer, tmp_path: Path) -
     assert fetch([server.url(PATH)], dest, sha256=SHA256, md5=MD5) == dest
     assert server.requests == []
     assert dest.stat().st_mtime_ns == before
+
+
+def test_waits_for_another_process_downloading_into_the_same_folder(server: LoopbackServer, tmp_path: Path) -> None:
+    dest = tmp_path / "train.gz"
+    fd = os.open(tmp_path, os.O_RDONLY)  # what a concurrent fetch holds while it downloads
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        worker = threading.Thread(target=fetch, args=([server.url(PATH)], dest), kwargs={"sha256": SHA256})
+        worker.start()
+        time.sleep(0.2)
+        assert worker.is_alive() and server.requests == []
+        dest.write_bytes(DATA)  # the other process finishes the file
+    finally:
+        os.close(fd)
+    worker.join(timeout=5)
+    assert not worker.is_alive()
+    assert server.requests == []  # it saw the finished file and did not download again
+    assert dest.read_bytes() == DATA
 
 
 def test_dest_with_wrong_digest_is_replaced(server: LoopbackServer, tmp_path: Path) -> None:
