@@ -200,7 +200,8 @@ def _expected_digests(sha256: str | None, md5: str | None, dest: Path) -> dict[s
                           f"publisher's md5); add it next to the URLs in the dataset config")
     for name, value in expected.items():
         if not _HEX[name].fullmatch(value):
-            raise ConfigError(f"the {name} given for {dest.name} is not a {name} hex digest: {value!r}")
+            raise ConfigError(f"the {name} given for {dest.name} is not a valid {name} digest (expected "
+                              f"{len(hashlib.new(name).hexdigest())} hex characters): {value!r}")
     return expected
 
 

@@ -280,8 +280,8 @@ def test_dest_with_wrong_digest_is_replaced(server: LoopbackServer, tmp_path: Pa
 
 @pytest.mark.parametrize("kwargs, match", [
     ({}, "no checksum given for train.gz"),
-    ({"sha256": "abc"}, "not a sha256 hex digest"),
-    ({"md5": SHA256}, "not a md5 hex digest"),
+    ({"sha256": "abc"}, "not a valid sha256 digest \\(expected 64 hex"),
+    ({"md5": SHA256}, "not a valid md5 digest \\(expected 32 hex"),
     ({"sha256": SHA256, "retries": 0}, "retries must be an integer >= 1"),
 ])
 def test_bad_arguments_are_config_errors(server: LoopbackServer, tmp_path: Path, kwargs: dict, match: str) -> None:
