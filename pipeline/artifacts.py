@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from . import __version__
+from .download import file_digest
 from .errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,6 @@ _PACKAGES = ("numpy", "pyarrow", "numba", "luigi", "gensim", "torch", "torchvisi
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and no spaces: the same value always gives the same bytes."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_root() -> Path:
@@ -151,7 +144,7 @@ def _list_files(directory: Path) -> dict[str, dict[str, Any]]:
     for path in sorted(directory.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
             rel = path.relative_to(directory).as_posix()
-            files[rel] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+            files[rel] = {"sha256": file_digest(path), "bytes": path.stat().st_size}
     return files
 
 
@@ -265,7 +258,7 @@ def read_manifest(path: str | os.PathLike, verify: str = "size") -> dict:
                 f"Delete {path} and rebuild."
             )
         if verify == "sha256":
-            actual = file_sha256(f)
+            actual = file_digest(f)
             if actual != info["sha256"]:
                 raise ArtifactError(
                     f"{f}: sha256 {actual} does not match the manifest's {info['sha256']}; the file is corrupt. "

@@ -1,0 +1,140 @@
+"""The ``grove`` command line.
+
+Exit codes: 0 success; 1 a task failed; 2 bad usage or a bad config (nothing was run);
+3 a damaged or missing artifact; 4 the scheduler could not schedule the tasks; 5 tasks were not run
+(for example another process holds them); 6 an external dependency is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline import artifacts
+from pipeline.config import available_datasets, load_config
+from pipeline.errors import ArtifactError, ConfigError, GroveError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ARTIFACT, EXIT_SCHEDULING, EXIT_NOT_RUN, EXIT_MISSING = 0, 1, 2, 3, 4, 5, 6
+STAGES = ("fetch", "decode", "embed", "split", "exact", "forest", "evaluate")
+
+
+def _settings():
+    from .base import grove
+
+    return grove()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import luigi
+    from luigi.execution_summary import LuigiStatusCode
+
+    from pipeline.stages import format_results
+
+    from .chain import Chain, Evaluate
+
+    settings = _settings()
+    for dataset in args.datasets:  # every config is checked before any work starts
+        load_config(dataset, settings.config_dir())
+    kwargs = {"workers": args.workers, "detailed_summary": True}
+    if args.scheduler_host:
+        kwargs.update(scheduler_host=args.scheduler_host, scheduler_port=args.scheduler_port)
+    else:
+        kwargs["local_scheduler"] = True
+    result = luigi.build([Chain(dataset=d) for d in args.datasets], **kwargs)
+    print(result.summary_text)
+    for dataset in args.datasets:
+        target = Evaluate(dataset=dataset).output()
+        if target.exists():
+            summary = json.loads((target.path / "results.json").read_text())
+            print(f"\n{dataset}: {target.ref.key}\n{format_results(summary['rows'], summary['k'])}")
+    codes = {
+        LuigiStatusCode.SUCCESS: EXIT_OK,
+        LuigiStatusCode.SUCCESS_WITH_RETRY: EXIT_OK,
+        LuigiStatusCode.FAILED: EXIT_FAILED,
+        LuigiStatusCode.FAILED_AND_SCHEDULING_FAILED: EXIT_FAILED,
+        LuigiStatusCode.SCHEDULING_FAILED: EXIT_SCHEDULING,
+        LuigiStatusCode.NOT_RUN: EXIT_NOT_RUN,
+        LuigiStatusCode.MISSING_EXT: EXIT_MISSING,
+    }
+    return codes.get(result.status, EXIT_FAILED)
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    settings = _settings()
+    for name in available_datasets(settings.config_dir()):
+        cfg = load_config(name, settings.config_dir())
+        print(f"{name:<16} {cfg['dataset']['kind']:<10} {cfg['dataset']['description']}")
+    return EXIT_OK
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    root = _settings().artifact_root()
+    for stage in [args.stage] if args.stage else STAGES:
+        for m in artifacts.list_versions(root, args.dataset, stage):
+            size = sum(f["bytes"] for f in m.get("files", {}).values())
+            flag = "latest" if m["latest"] else ""
+            metrics = m.get("metrics", {})
+            shown = " ".join(f"{k}={v}" for k, v in sorted(metrics.items()))
+            print(f"{stage:<9} {m['version']:<22} {m['created_utc']:<26} {size / 1e6:>9.1f} MB {flag:<6} {shown}")
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    path = Path(args.version)
+    if not path.is_dir():
+        path = _settings().artifact_root() / args.version
+    manifest = artifacts.read_manifest(path, verify="sha256" if args.verify else "size")
+    print(json.dumps(manifest, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grove",
+        description="Build, version and evaluate tree-forest nearest-neighbour indexes with Luigi.",
+        epilog="Settings: luigi.cfg [grove] (artifacts, mirror, configs, threads) or the environment variables "
+        "GROVE_ARTIFACTS, GROVE_MIRROR, GROVE_CONFIGS, GROVE_THREADS.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the whole chain of one or more datasets")
+    p.add_argument("datasets", nargs="+", metavar="DATASET", help="dataset names (configs/<name>.toml)")
+    p.add_argument("--workers", type=int, default=1, help="Luigi workers (default 1)")
+    p.add_argument("--scheduler-host", default=None, help="use the luigid at this host (default: local scheduler)")
+    p.add_argument("--scheduler-port", type=int, default=8082, help="luigid port (default 8082)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("datasets", help="list the configured datasets")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("versions", help="list the published versions of a dataset's stages")
+    p.add_argument("dataset")
+    p.add_argument("stage", nargs="?", choices=STAGES, help="one stage (default: all)")
+    p.set_defaults(func=cmd_versions)
+
+    p = sub.add_parser("show", help="print the manifest of one version")
+    p.add_argument("version", help="a path, or dataset/stage/version under the artifact root")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    p.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"grove: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ArtifactError as exc:
+        print(f"grove: artifact error: {exc}", file=sys.stderr)
+        return EXIT_ARTIFACT
+    except GroveError as exc:
+        print(f"grove: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny MNIST-like dataset written in the real IDX format, its config and mirror."""
+
+from __future__ import annotations
+
+import hashlib
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.formats.idx import write_idx
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def tiny_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 28, 28) uint8 images of ten noisy class templates, and their (n,) uint8 labels."""
+    rng = np.random.default_rng(seed)
+    templates = np.random.default_rng(1234).integers(0, 256, size=(10, 28, 28))
+    labels = rng.integers(0, 10, size=n).astype(np.uint8)
+    noise = rng.normal(0, 40, size=(n, 28, 28))
+    images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
+    images[:3] = images[3:6]  # duplicates, as real data has
+    return images, labels
+
+
+def write_tiny_config(config_dir: Path, name: str, files: dict[str, Path], n_trees=(2, 4), urls=None) -> Path:
+    sources = []
+    for source, path in files.items():
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        url_list = ", ".join(f'"{u}/{path.name}"' for u in (urls or []))
+        sources.append(f'[sources.{source}]\nfilename = "{path.name}"\nsha256 = "{digest}"\nurls = [{url_list}]\n')
+    text = textwrap.dedent(
+        f"""\
+        [dataset]
+        name = "{name}"
+        kind = "idx"
+        description = "tiny MNIST-like test data"
+
+        [decode]
+        train_images = "train_images"
+        train_labels = "train_labels"
+        test_images = "test_images"
+        test_labels = "test_labels"
+
+        [embed]
+        metric = "euclidean"
+
+        [exact]
+        k = 20
+
+        [forest]
+        n_trees = [{", ".join(str(n) for n in n_trees)}]
+        seed = 0
+
+        [evaluate]
+        k = 10
+        search_k = [10, 50, 200]
+        n_queries = 20
+        """
+    )
+    path = config_dir / f"{name}.toml"
+    path.write_text(text + "\n" + "\n".join(sources))
+    return path
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path, monkeypatch):
+    """A mirror with four tiny IDX files, a config `tinymnist` for them, and a fresh artifact root.
+
+    Returns a dict with the paths; GROVE_MIRROR, GROVE_CONFIGS and GROVE_ARTIFACTS point at them.
+    """
+    import luigi.task_register
+
+    mirror = tmp_path / "mirror"
+    (mirror / "tinymnist").mkdir(parents=True)
+    train_x, train_y = tiny_digits(400, seed=1)
+    test_x, test_y = tiny_digits(60, seed=2)
+    files = {
+        "train_images": write_idx(mirror / "tinymnist" / "tiny-train-images.gz", train_x, compress=True),
+        "train_labels": write_idx(mirror / "tinymnist" / "tiny-train-labels.gz", train_y, compress=True),
+        "test_images": write_idx(mirror / "tinymnist" / "tiny-test-images.gz", test_x, compress=True),
+        "test_labels": write_idx(mirror / "tinymnist" / "tiny-test-labels.gz", test_y, compress=True),
+    }
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    config = write_tiny_config(configs, "tinymnist", files)
+    root = tmp_path / "artifacts"
+    monkeypatch.setenv("GROVE_MIRROR", mirror.as_uri())
+    monkeypatch.setenv("GROVE_CONFIGS", str(configs))
+    monkeypatch.setenv("GROVE_ARTIFACTS", str(root))
+    monkeypatch.setenv("GROVE_THREADS", "2")
+    # Luigi caches task instances by parameters; a test that edits a config needs fresh ones.
+    luigi.task_register.Register.clear_instance_cache()
+    yield {"mirror": mirror, "configs": configs, "config": config, "root": root, "files": files,
+           "train": (train_x, train_y), "test": (test_x, test_y)}
+    luigi.task_register.Register.clear_instance_cache()
