@@ -1,0 +1,611 @@
+"""Compiled (numba) kernels of the tree-forest index; ``pipeline.forest`` is the public face.
+
+Everything that runs per item or per query lives here, in one place, so the hot loops can be read
+and profiled together. All kernels use ``cache=True``; nothing here allocates Python objects.
+
+Array layout of a forest (global over all trees; see ``pipeline/forest.py`` for the file format):
+
+- ``vectors``  (n, dv) float32: the indexed rows as the kernels read them: unit-normalised for
+  ``angular``, raw for ``euclidean``/``manhattan``, and for ``dot`` the raw row plus one extra column
+  ``sqrt(M^2 - |x|^2)`` (M = the largest norm) so that every row has norm M and the trees can split
+  by angle (maximum inner product reduced to angular search for the tree walk).
+- ``planes``   (S, dv) float32 and ``offsets`` (S,) float32: split node s sends x to its right child
+  when ``<planes[s], x> + offsets[s] > 0``. An all-zero plane marks a random split.
+- ``children`` (S, 2) int32: a child code ``c >= 0`` is split node ``c``; ``c < 0`` is leaf ``-c - 1``.
+- ``roots``    (n_trees,) int32: child code of each tree's root.
+- ``leaf_offsets`` (L + 1,) int64 and ``leaf_items`` (n_trees * n,) int32: leaf l holds the item ids
+  ``leaf_items[leaf_offsets[l]:leaf_offsets[l + 1]]``; tree t's leaves tile ``[t * n, (t + 1) * n)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+ANGULAR, EUCLIDEAN, MANHATTAN, DOT = 0, 1, 2, 3
+METRIC_CODES = {"angular": ANGULAR, "euclidean": EUCLIDEAN, "manhattan": MANHATTAN, "dot": DOT}
+
+# Two-means refinement steps per split and the retry policy for lopsided splits.
+TWO_MEANS_ITERATIONS = 200
+SPLIT_ATTEMPTS = 3
+MAX_SIDE_FRACTION = 0.95
+# Euclidean/manhattan distances are summed in blocks of this many dimensions; after each block a
+# candidate that is already farther than the current k-th best is abandoned. The blocks are always
+# summed in the same order, so the value (and hence the answer) does not depend on the abandoning.
+_BLOCK = 64
+
+_U64_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_U64_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_U64_M2 = np.uint64(0x94D049BB133111EB)
+_U64_30 = np.uint64(30)
+_U64_27 = np.uint64(27)
+_U64_31 = np.uint64(31)
+_U64_63 = np.uint64(63)
+
+
+# --------------------------------------------------------------------------------------------
+# randomness: a splitmix64 stream whose state is one uint64 in an array (explicit seed, no globals)
+
+
+@njit(cache=True, nogil=True)
+def _next_u64(state):
+    state[0] += _U64_GOLDEN
+    z = state[0]
+    z = (z ^ (z >> _U64_30)) * _U64_M1
+    z = (z ^ (z >> _U64_27)) * _U64_M2
+    return z ^ (z >> _U64_31)
+
+
+@njit(cache=True, nogil=True)
+def _rand_below(state, n):
+    return np.int64(_next_u64(state) % np.uint64(n))
+
+
+@njit(cache=True, nogil=True)
+def _rand_bit(state):
+    return np.int64(_next_u64(state) >> _U64_63)
+
+
+# --------------------------------------------------------------------------------------------
+# small vector helpers (float32 accumulation; fastmath lets LLVM vectorise the reductions)
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _dot(a, b):
+    s = np.float32(0.0)
+    for j in range(a.shape[0]):
+        s += a[j] * b[j]
+    return s
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _sqdist(a, b):
+    s = np.float32(0.0)
+    for j in range(a.shape[0]):
+        t = a[j] - b[j]
+        s += t * t
+    return s
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _l1dist(a, b):
+    s = np.float32(0.0)
+    for j in range(a.shape[0]):
+        s += abs(a[j] - b[j])
+    return s
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _sqdist_bounded(q, x, bound):
+    """Squared L2 summed block by block; stops early (returning a value > bound) once above bound."""
+    d = q.shape[0]
+    total = np.float32(0.0)
+    for j0 in range(0, d, _BLOCK):
+        j1 = min(j0 + _BLOCK, d)
+        s = np.float32(0.0)
+        for j in range(j0, j1):
+            t = q[j] - x[j]
+            s += t * t
+        total += s
+        if total > bound:
+            return total
+    return total
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _l1dist_bounded(q, x, bound):
+    d = q.shape[0]
+    total = np.float32(0.0)
+    for j0 in range(0, d, _BLOCK):
+        j1 = min(j0 + _BLOCK, d)
+        s = np.float32(0.0)
+        for j in range(j0, j1):
+            s += abs(q[j] - x[j])
+        total += s
+        if total > bound:
+            return total
+    return total
+
+
+@njit(cache=True, nogil=True)
+def _normalize_inplace(v):
+    nrm = np.sqrt(_dot(v, v))
+    if nrm > 0:
+        for j in range(v.shape[0]):
+            v[j] /= nrm
+    return nrm
+
+
+# --------------------------------------------------------------------------------------------
+# build
+
+
+@njit(cache=True, nogil=True)
+def _two_means(vecs, perm, s, e, metric, n_iter, state, p, q):
+    """Two centroids p, q (dv,) float32 of the items perm[s:e], refined on sampled items."""
+    size = e - s
+    i = _rand_below(state, size)
+    j = _rand_below(state, size - 1)
+    if j >= i:
+        j += 1
+    p[:] = vecs[perm[s + i]]
+    q[:] = vecs[perm[s + j]]
+    angular = metric == ANGULAR or metric == DOT
+    if angular:
+        _normalize_inplace(p)
+        _normalize_inplace(q)
+    ic = 1.0
+    jc = 1.0
+    inv = 1.0
+    for _ in range(n_iter):
+        z = vecs[perm[s + _rand_below(state, size)]]
+        if angular:
+            zz = _dot(z, z)
+            if zz <= 0:
+                continue
+            inv = 1.0 / np.sqrt(zz)
+            di = ic * (2.0 - 2.0 * _dot(p, z) * inv)
+            dj = jc * (2.0 - 2.0 * _dot(q, z) * inv)
+        elif metric == MANHATTAN:
+            di = ic * _l1dist(p, z)
+            dj = jc * _l1dist(q, z)
+        else:
+            di = ic * _sqdist(p, z)
+            dj = jc * _sqdist(q, z)
+        if di < dj:
+            for t in range(p.shape[0]):
+                zt = z[t] * inv if angular else z[t]
+                p[t] = (p[t] * ic + zt) / (ic + 1.0)
+            ic += 1.0
+            if angular:
+                _normalize_inplace(p)
+        elif dj < di:
+            for t in range(q.shape[0]):
+                zt = z[t] * inv if angular else z[t]
+                q[t] = (q[t] * jc + zt) / (jc + 1.0)
+            jc += 1.0
+            if angular:
+                _normalize_inplace(q)
+
+
+@njit(cache=True, nogil=True)
+def _assign_sides(vecs, perm, s, e, plane, offset, side, state):
+    """side[i - s] = 1 (right) if <plane, x> + offset > 0, 0 if < 0, a coin flip if == 0.
+
+    Returns the number of right-side items.
+    """
+    n_right = 0
+    for i in range(s, e):
+        m = _dot(plane, vecs[perm[i]]) + offset
+        if m > 0:
+            b = 1
+        elif m < 0:
+            b = 0
+        else:
+            b = _rand_bit(state)
+        side[i - s] = b
+        n_right += b
+    return n_right
+
+
+@njit(cache=True, nogil=True)
+def build_tree(vecs, metric, leaf_size, seed, n_iter):
+    """Build one tree over all rows of ``vecs`` (n, dv) float32.
+
+    Returns ``(perm, planes, offsets, children, leaf_starts, root)`` in tree-local numbering:
+    perm (n,) int32 item ids tiled by the leaves; planes (S, dv) float32; offsets (S,) float32;
+    children (S, 2) int32 child codes; leaf_starts (L + 1,) int64 positions into perm; root int.
+    Deterministic for a given seed (uint64).
+    """
+    n, dv = vecs.shape
+    state = np.empty(1, np.uint64)
+    state[0] = np.uint64(seed)
+    perm = np.arange(n).astype(np.int32)
+    tmp = np.empty(n, np.int32)
+    side = np.empty(n, np.int8)
+    cap = 2 * (n // max(leaf_size, 1)) + 16
+    planes = np.empty((cap, dv), np.float32)
+    offsets = np.empty(cap, np.float32)
+    children = np.empty((cap, 2), np.int32)
+    leaf_starts = np.empty(cap + 1, np.int64)
+    n_split = 0
+    n_leaf = 0
+    root = 0
+    p = np.empty(dv, np.float32)
+    q = np.empty(dv, np.float32)
+    plane = np.empty(dv, np.float32)
+    mid_pt = np.empty(dv, np.float32)
+    # explicit DFS stack of (start, end, parent split node or -1, side); the left child is pushed
+    # last so it is popped first, which makes the leaves appear in position order.
+    stack = np.empty((64, 4), np.int64)
+    sp = 0
+    stack[0, 0] = 0
+    stack[0, 1] = n
+    stack[0, 2] = -1
+    stack[0, 3] = 0
+    sp = 1
+    angular = metric == ANGULAR or metric == DOT
+    while sp > 0:
+        sp -= 1
+        s = stack[sp, 0]
+        e = stack[sp, 1]
+        parent = stack[sp, 2]
+        pside = stack[sp, 3]
+        size = e - s
+        if size <= leaf_size:
+            if n_leaf + 1 >= leaf_starts.shape[0]:
+                grown = np.empty(2 * leaf_starts.shape[0], np.int64)
+                grown[: leaf_starts.shape[0]] = leaf_starts
+                leaf_starts = grown
+            leaf_starts[n_leaf] = s
+            code = -(n_leaf + 1)
+            n_leaf += 1
+        else:
+            ok = False
+            offset = np.float32(0.0)
+            n_right = 0
+            for _attempt in range(SPLIT_ATTEMPTS):
+                _two_means(vecs, perm, s, e, metric, n_iter, state, p, q)
+                for t in range(dv):
+                    plane[t] = p[t] - q[t]
+                if _normalize_inplace(plane) <= 0:
+                    continue
+                if angular:
+                    offset = np.float32(0.0)
+                else:
+                    for t in range(dv):
+                        mid_pt[t] = 0.5 * (p[t] + q[t])
+                    offset = -_dot(plane, mid_pt)
+                n_right = _assign_sides(vecs, perm, s, e, plane, offset, side, state)
+                if max(n_right, size - n_right) <= MAX_SIDE_FRACTION * size:
+                    ok = True
+                    break
+            if not ok:
+                # random split: a zero plane gives every query margin 0, so both halves are
+                # visited with the same priority
+                plane[:] = 0.0
+                offset = np.float32(0.0)
+                n_right = 0
+                for i in range(size):
+                    b = _rand_bit(state)
+                    side[i] = b
+                    n_right += b
+                if n_right == 0 or n_right == size:
+                    side[0] = 1 - side[0]
+                    n_right = n_right + 1 if side[0] == 1 else n_right - 1
+            # stable partition keeps ids ascending inside each segment (friendlier memory order)
+            nl = 0
+            nr = 0
+            for i in range(s, e):
+                if side[i - s] == 0:
+                    perm[s + nl] = perm[i]
+                    nl += 1
+                else:
+                    tmp[nr] = perm[i]
+                    nr += 1
+            for i in range(nr):
+                perm[s + nl + i] = tmp[i]
+            if n_split >= planes.shape[0]:
+                new_cap = 2 * planes.shape[0]
+                g_planes = np.empty((new_cap, dv), np.float32)
+                g_planes[:n_split] = planes[:n_split]
+                planes = g_planes
+                g_off = np.empty(new_cap, np.float32)
+                g_off[:n_split] = offsets[:n_split]
+                offsets = g_off
+                g_ch = np.empty((new_cap, 2), np.int32)
+                g_ch[:n_split] = children[:n_split]
+                children = g_ch
+            node = n_split
+            n_split += 1
+            planes[node] = plane
+            offsets[node] = offset
+            children[node, 0] = 0
+            children[node, 1] = 0
+            code = node
+            if sp + 2 > stack.shape[0]:
+                g_stack = np.empty((2 * stack.shape[0], 4), np.int64)
+                g_stack[:sp] = stack[:sp]
+                stack = g_stack
+            mid = s + nl
+            stack[sp, 0] = mid
+            stack[sp, 1] = e
+            stack[sp, 2] = node
+            stack[sp, 3] = 1
+            stack[sp + 1, 0] = s
+            stack[sp + 1, 1] = mid
+            stack[sp + 1, 2] = node
+            stack[sp + 1, 3] = 0
+            sp += 2
+        if parent < 0:
+            root = code
+        else:
+            children[parent, pside] = code
+    leaf_starts[n_leaf] = n
+    return (
+        perm,
+        planes[:n_split].copy(),
+        offsets[:n_split].copy(),
+        children[:n_split].copy(),
+        leaf_starts[: n_leaf + 1].copy(),
+        root,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# query
+
+
+@njit(cache=True, nogil=True)
+def _heap_push(pri, node, size, p, c):
+    """Push (p, c) onto the max-heap (pri, node) holding ``size`` entries; returns the new arrays."""
+    if size >= pri.shape[0]:
+        g_pri = np.empty(2 * pri.shape[0], np.float32)
+        g_pri[:size] = pri[:size]
+        g_node = np.empty(2 * pri.shape[0], np.int32)
+        g_node[:size] = node[:size]
+        pri = g_pri
+        node = g_node
+    i = size
+    while i > 0:
+        parent = (i - 1) >> 1
+        if pri[parent] >= p:
+            break
+        pri[i] = pri[parent]
+        node[i] = node[parent]
+        i = parent
+    pri[i] = p
+    node[i] = c
+    return pri, node
+
+
+@njit(cache=True, nogil=True)
+def _heap_pop(pri, node, size):
+    """Remove the top of the max-heap; ``size`` is the count before the pop."""
+    size -= 1
+    p = pri[size]
+    c = node[size]
+    i = 0
+    while True:
+        left = 2 * i + 1
+        if left >= size:
+            break
+        right = left + 1
+        child = left
+        if right < size and pri[right] > pri[left]:
+            child = right
+        if pri[child] <= p:
+            break
+        pri[i] = pri[child]
+        node[i] = node[child]
+        i = child
+    pri[i] = p
+    node[i] = c
+
+
+@njit(cache=True, nogil=True)
+def _worse(d1, i1, d2, i2):
+    return d1 > d2 or (d1 == d2 and i1 > i2)
+
+
+@njit(cache=True, nogil=True)
+def _topk_insert(kd, ki, size, k, d, item):
+    """Keep the k best (distance, id) pairs in a max-heap ordered by (distance, id)."""
+    if size < k:
+        i = size
+        while i > 0:
+            parent = (i - 1) >> 1
+            if not _worse(d, item, kd[parent], ki[parent]):
+                break
+            kd[i] = kd[parent]
+            ki[i] = ki[parent]
+            i = parent
+        kd[i] = d
+        ki[i] = item
+        return size + 1
+    if not _worse(kd[0], ki[0], d, item):
+        return size
+    i = 0
+    while True:
+        left = 2 * i + 1
+        if left >= size:
+            break
+        right = left + 1
+        child = left
+        if right < size and _worse(kd[right], ki[right], kd[left], ki[left]):
+            child = right
+        if not _worse(kd[child], ki[child], d, item):
+            break
+        kd[i] = kd[child]
+        ki[i] = ki[child]
+        i = child
+    kd[i] = d
+    ki[i] = item
+    return size
+
+
+@njit(cache=True, nogil=True)
+def _search_one(
+    qraw, vectors, planes, offsets, children, roots, leaf_offsets, leaf_items,
+    metric, k, search_k, stamp, stamp_value, qbuf, kd, ki, out_ids, out_dists,
+):
+    """Answer one query into out_ids (k,) int64 and out_dists (k,) float32; returns the count found.
+
+    qraw (d,) float32 is the query as given; stamp (n,) int32 marks items already ranked in this
+    query with ``stamp_value``. Candidates are collected from ONE max-heap over all trees keyed by
+    the smallest margin on the path, until ``search_k`` leaf entries (duplicates included, as
+    Annoy counts) have been seen and at least k distinct items are ranked.
+    """
+    n, dv = vectors.shape
+    d_in = qraw.shape[0]
+    for j in range(d_in):
+        qbuf[j] = qraw[j]
+    for j in range(d_in, dv):
+        qbuf[j] = 0.0
+    if metric == ANGULAR:
+        _normalize_inplace(qbuf)
+    n_trees = roots.shape[0]
+    cap = 64
+    while cap < 4 * n_trees + 64:
+        cap *= 2
+    pri = np.empty(cap, np.float32)
+    node = np.empty(cap, np.int32)
+    hsize = 0
+    inf = np.float32(np.inf)
+    for t in range(n_trees):
+        pri, node = _heap_push(pri, node, hsize, inf, roots[t])
+        hsize += 1
+    n_splits = planes.shape[0]
+    n_leaves = leaf_offsets.shape[0] - 1
+    seen = 0
+    found = 0
+    bound = inf
+    while hsize > 0 and (seen < search_k or found < k):
+        p = pri[0]
+        c = node[0]
+        _heap_pop(pri, node, hsize)
+        hsize -= 1
+        if c >= 0:
+            if c >= n_splits:
+                continue  # corrupt child code: skip rather than read out of bounds
+            m = _dot(planes[c], qbuf) + offsets[c]
+            pr = p if p < m else m
+            pl = p if p < -m else -m
+            pri, node = _heap_push(pri, node, hsize, pr, children[c, 1])
+            hsize += 1
+            pri, node = _heap_push(pri, node, hsize, pl, children[c, 0])
+            hsize += 1
+        else:
+            leaf = -c - 1
+            if leaf >= n_leaves:
+                continue
+            a = leaf_offsets[leaf]
+            b = leaf_offsets[leaf + 1]
+            seen += b - a
+            for pos in range(a, b):
+                item = leaf_items[pos]
+                if item < 0 or item >= n or stamp[item] == stamp_value:
+                    continue
+                stamp[item] = stamp_value
+                x = vectors[item]
+                if metric == EUCLIDEAN:
+                    dist = _sqdist_bounded(qbuf, x, bound)
+                elif metric == MANHATTAN:
+                    dist = _l1dist_bounded(qbuf, x, bound)
+                else:
+                    dist = -_dot(qbuf, x)
+                if found == k and dist > bound:
+                    continue
+                found = _topk_insert(kd, ki, found, k, dist, item)
+                if found == k:
+                    bound = kd[0]
+    # sort the k best by (distance, id): pop the max-heap from the back
+    size = found
+    while size > 0:
+        dlast = kd[0]
+        ilast = ki[0]
+        size -= 1
+        # move the last entry to the root and sift down within [0, size)
+        d = kd[size]
+        it = ki[size]
+        i = 0
+        while True:
+            left = 2 * i + 1
+            if left >= size:
+                break
+            right = left + 1
+            child = left
+            if right < size and _worse(kd[right], ki[right], kd[left], ki[left]):
+                child = right
+            if not _worse(kd[child], ki[child], d, it):
+                break
+            kd[i] = kd[child]
+            ki[i] = ki[child]
+            i = child
+        if size > 0:
+            kd[i] = d
+            ki[i] = it
+        out_ids[size] = ilast
+        if metric == EUCLIDEAN:
+            out_dists[size] = np.sqrt(dlast)
+        elif metric == ANGULAR:
+            out_dists[size] = np.sqrt(max(np.float32(2.0) + np.float32(2.0) * dlast, np.float32(0.0)))
+        else:
+            out_dists[size] = dlast
+    return found
+
+
+@njit(cache=True, nogil=True)
+def query_one(qraw, vectors, planes, offsets, children, roots, leaf_offsets, leaf_items,
+              metric, k, search_k, stamp, scratch_i):
+    """One query; returns (ids (found,) int64, dists (found,) float32), nearest first.
+
+    stamp (n,) int32 and scratch_i (1,) int64 (the last stamp value) persist between calls.
+    """
+    v = scratch_i[0] + 1
+    if v >= 2147483647:
+        stamp[:] = 0
+        v = 1
+    scratch_i[0] = v
+    dv = vectors.shape[1]
+    qbuf = np.empty(dv, np.float32)
+    kd = np.empty(k, np.float32)
+    ki = np.empty(k, np.int64)
+    out_ids = np.empty(k, np.int64)
+    out_dists = np.empty(k, np.float32)
+    found = _search_one(qraw, vectors, planes, offsets, children, roots, leaf_offsets, leaf_items,
+                        metric, k, search_k, stamp, np.int32(v), qbuf, kd, ki, out_ids, out_dists)
+    return out_ids[:found], out_dists[:found]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def query_batch(queries, vectors, planes, offsets, children, roots, leaf_offsets, leaf_items,
+                metric, k, search_k, n_workers):
+    """Many queries (nq, d) float32 on ``n_workers`` threads (query i goes to worker i % n_workers).
+
+    Returns (ids (nq, k) int64, dists (nq, k) float32, found (nq,) int64). Each query runs the same
+    ``_search_one`` as ``query_one``, so the answers are identical to one-by-one queries.
+    """
+    nq = queries.shape[0]
+    n, dv = vectors.shape
+    ids = np.full((nq, k), -1, np.int64)
+    dists = np.full((nq, k), np.inf, np.float32)
+    found = np.zeros(nq, np.int64)
+    for w in prange(n_workers):
+        stamp = np.zeros(n, np.int32)
+        qbuf = np.empty(dv, np.float32)
+        kd = np.empty(k, np.float32)
+        ki = np.empty(k, np.int64)
+        out_ids = np.empty(k, np.int64)
+        out_dists = np.empty(k, np.float32)
+        v = 0
+        for i in range(w, nq, n_workers):
+            v += 1
+            f = _search_one(queries[i], vectors, planes, offsets, children, roots, leaf_offsets,
+                            leaf_items, metric, k, search_k, stamp, np.int32(v), qbuf, kd, ki,
+                            out_ids, out_dists)
+            found[i] = f
+            for j in range(f):
+                ids[i, j] = out_ids[j]
+                dists[i, j] = out_dists[j]
+    return ids, dists, found

@@ -1,0 +1,429 @@
+"""The tree-forest nearest-neighbour index (Annoy's algorithm family, compiled with numba).
+
+Each tree splits space recursively by a hyperplane between two centroids found by two-means on
+sampled items (through the origin for ``angular``/``dot``, a bisecting plane with an offset for
+``euclidean``/``manhattan``), retrying lopsided splits and falling back to a random split; a leaf
+holds at most ``leaf_size`` items. A query walks all trees with ONE priority queue ordered by the
+smallest margin on the path until ``search_k`` leaf entries have been seen, skips duplicates with a
+stamp array and ranks the candidates by exact distance (ties by the smaller item id). Distances are
+those of ``pipeline.exact``: euclidean ``||q-x||``, manhattan ``sum|q-x|``, angular
+``sqrt(2 - 2 cos)``, dot ``-<q, x>``.
+
+    forest = Forest.build(vectors, metric="angular", n_trees=50)
+    ids = forest.query(vector, k=10)
+    forest.save(directory); forest = Forest.load(directory)   # memory-mapped
+
+On disk an index is a directory of flat ``.npy`` arrays and ``header.json``; see ``Forest.save``.
+The kernels are in ``pipeline/_forest_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from . import __version__
+from . import _forest_kernels as _k
+from .errors import ConfigError, FormatError, IndexFormatError, IndexMismatchError
+from .exact import METRICS
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "grove-forest"
+FORMAT_VERSION = 1
+HEADER_FILE = "header.json"
+# (name, dtype) of every array file, in the order the kernels take them.
+_ARRAYS = (
+    ("vectors", "<f4"),
+    ("planes", "<f4"),
+    ("offsets", "<f4"),
+    ("children", "<i4"),
+    ("roots", "<i4"),
+    ("leaf_offsets", "<i8"),
+    ("leaf_items", "<i4"),
+)
+
+
+def default_leaf_size(dim: int) -> int:
+    """The leaf size used when ``leaf_size=None``; chosen by measurement (benchmarks/RESULTS.md).
+
+    Small dimensions favour small leaves (a split costs as much as one candidate distance);
+    large dimensions need larger leaves so the split planes do not outweigh the vectors on disk.
+    """
+    return int(min(max(48, dim // 2), 1024))
+
+
+def _all_cores() -> int:
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def _thread_count(n_threads: int, what: str) -> int:
+    if not isinstance(n_threads, (int, np.integer)) or n_threads < 0:
+        raise ConfigError(f"{what}: n_threads must be an integer >= 0 (0 = all cores); got {n_threads!r}")
+    return _all_cores() if n_threads == 0 else min(int(n_threads), _all_cores())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _prepare_vectors(vectors: np.ndarray, metric: str) -> np.ndarray:
+    """The rows as the kernels read them: (n, dv) float32, C-contiguous (see _forest_kernels)."""
+    x = np.array(vectors, dtype=np.float32, order="C", copy=True)  # never alias the caller's buffer
+    if metric == "angular":
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    if metric == "dot":
+        sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+        extra = np.sqrt(np.maximum(sq.max() - sq, 0.0)).astype(np.float32)
+        return np.ascontiguousarray(np.concatenate([x, extra[:, None]], axis=1))
+    return x
+
+
+class Forest:
+    """A built or loaded forest. Attributes ``dim``, ``metric``, ``n_trees``, ``leaf_size``,
+    ``seed`` and ``n_items`` are read-only; items are numbered 0..n_items-1 in build order."""
+
+    def __init__(self, arrays: dict, *, dim: int, metric: str, n_trees: int, leaf_size: int, seed: int):
+        self._arrays = arrays
+        self._dim = int(dim)
+        self._metric = metric
+        self._code = _k.METRIC_CODES[metric]
+        self._n_trees = int(n_trees)
+        self._leaf_size = int(leaf_size)
+        self._seed = int(seed)
+        self._n_items = int(arrays["vectors"].shape[0])
+        self._kargs = tuple(np.asarray(arrays[name]) for name, _ in _ARRAYS)
+        self._stamp = None  # (n,) int32 scratch of the single-query kernel, made on first use
+        self._stamp_value = np.zeros(1, np.int64)
+
+    dim = property(lambda self: self._dim, doc="Dimension of the vectors (int).")
+    metric = property(lambda self: self._metric, doc="'angular', 'euclidean', 'manhattan' or 'dot'.")
+    n_trees = property(lambda self: self._n_trees, doc="Number of trees (int).")
+    leaf_size = property(lambda self: self._leaf_size, doc="Most items a leaf holds (int).")
+    seed = property(lambda self: self._seed, doc="The seed the trees were built from (int).")
+    n_items = property(lambda self: self._n_items, doc="Number of indexed vectors (int).")
+
+    def __repr__(self) -> str:
+        return (
+            f"Forest(n_items={self._n_items}, dim={self._dim}, metric={self._metric!r}, "
+            f"n_trees={self._n_trees}, leaf_size={self._leaf_size}, seed={self._seed})"
+        )
+
+    def arrays(self) -> dict:
+        """The index arrays by name (read-only views); what ``save`` writes."""
+        return dict(self._arrays)
+
+    # ----------------------------------------------------------------------------------- build
+
+    @classmethod
+    def build(
+        cls,
+        vectors: np.ndarray,
+        metric: str = "angular",
+        n_trees: int = 50,
+        leaf_size: int | None = None,
+        seed: int = 0,
+        n_threads: int = 1,
+    ) -> "Forest":
+        """Build a forest over ``vectors`` (n, dim), any real dtype (used as float32).
+
+        ``leaf_size=None`` picks ``default_leaf_size(dim)``. Trees are built on ``n_threads``
+        threads (0 = all cores); tree t uses its own seed derived from ``seed``, so the arrays are
+        byte-identical for any thread count.
+        """
+        if metric not in METRICS:
+            raise ConfigError(f"unknown metric {metric!r}: expected one of {', '.join(METRICS)}")
+        x = np.asarray(vectors)
+        if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+            raise ConfigError(f"Forest.build needs a non-empty 2-d array (n, dim); got shape {x.shape}")
+        if not isinstance(n_trees, (int, np.integer)) or n_trees < 1:
+            raise ConfigError(f"n_trees must be an integer >= 1; got {n_trees!r}")
+        if leaf_size is None:
+            leaf_size = default_leaf_size(x.shape[1])
+        if not isinstance(leaf_size, (int, np.integer)) or leaf_size < 1:
+            raise ConfigError(f"leaf_size must be an integer >= 1 or None; got {leaf_size!r}")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0; got {seed!r}")
+        if x.shape[0] >= 2**31 - 1:
+            raise ConfigError(f"at most 2**31 - 2 items fit an index; got {x.shape[0]}")
+        threads = _thread_count(n_threads, "Forest.build")
+        data = _prepare_vectors(x, metric)
+        if not np.isfinite(data).all():
+            raise FormatError("Forest.build: the vectors contain NaN or infinity; clean or drop those rows first")
+        n = data.shape[0]
+        code = _k.METRIC_CODES[metric]
+        tree_seeds = np.random.SeedSequence(int(seed)).generate_state(int(n_trees), dtype=np.uint64)
+        t0 = time.perf_counter()
+
+        def one(t):
+            return _k.build_tree(data, code, int(leaf_size), tree_seeds[t], _k.TWO_MEANS_ITERATIONS)
+
+        if threads == 1:
+            trees = [one(t) for t in range(n_trees)]
+        else:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                trees = list(pool.map(one, range(n_trees)))
+        arrays = cls._assemble(data, trees, n)
+        log.info(
+            "built %d trees over %d x %d (%s, leaf_size %d) in %.2fs on %d threads: %d splits, %d leaves",
+            n_trees, n, x.shape[1], metric, leaf_size, time.perf_counter() - t0, threads,
+            arrays["planes"].shape[0], arrays["leaf_offsets"].shape[0] - 1,
+        )
+        return cls(arrays, dim=x.shape[1], metric=metric, n_trees=n_trees, leaf_size=leaf_size, seed=seed)
+
+    @staticmethod
+    def _assemble(data: np.ndarray, trees: list, n: int) -> dict:
+        """Concatenate per-tree arrays (tree-local numbering) into the global layout."""
+        n_split = np.array([t[1].shape[0] for t in trees], dtype=np.int64)
+        n_leaf = np.array([t[4].shape[0] - 1 for t in trees], dtype=np.int64)
+        split_base = np.concatenate([[0], np.cumsum(n_split)[:-1]])
+        leaf_base = np.concatenate([[0], np.cumsum(n_leaf)[:-1]])
+
+        def relabel(codes, t):
+            codes = np.asarray(codes, dtype=np.int64)
+            return np.where(codes >= 0, codes + split_base[t], codes - leaf_base[t])
+
+        dv = data.shape[1]
+        arrays = {
+            "vectors": data,
+            "planes": np.concatenate([t[1] for t in trees]) if n_split.sum() else np.zeros((0, dv), np.float32),
+            "offsets": np.concatenate([t[2] for t in trees]).astype(np.float32),
+            "children": np.concatenate(
+                [relabel(tr[3], t).reshape(-1, 2) for t, tr in enumerate(trees)]
+            ).astype(np.int32).reshape(-1, 2),
+            "roots": np.array([relabel([tr[5]], t)[0] for t, tr in enumerate(trees)], dtype=np.int32),
+            "leaf_offsets": np.concatenate(
+                [tr[4][:-1] + t * n for t, tr in enumerate(trees)] + [np.array([len(trees) * n])]
+            ).astype(np.int64),
+            "leaf_items": np.concatenate([t[0] for t in trees]).astype(np.int32),
+        }
+        for a in arrays.values():
+            a.flags.writeable = False
+        return arrays
+
+    # ----------------------------------------------------------------------------------- query
+
+    def _check_k(self, k: int, search_k: int | None) -> tuple[int, int]:
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"k must be an integer >= 1; got {k!r}")
+        k = min(int(k), self._n_items)
+        if search_k is None:
+            search_k = k * self._n_trees
+        elif not isinstance(search_k, (int, np.integer)) or search_k < 0:
+            raise ConfigError(f"search_k must be an integer >= 0 or None; got {search_k!r}")
+        return k, int(search_k)
+
+    def query(self, vector: np.ndarray, k: int = 10, search_k: int | None = None, include_distances: bool = False):
+        """The k (at most n_items) nearest items of ``vector`` (dim,).
+
+        Returns ids (k,) int64 nearest first, or ``(ids, dists)`` with dists (k,) float32.
+        ``search_k`` (default ``k * n_trees``) is how many leaf entries to inspect; more is slower
+        and more accurate.
+        """
+        q = np.asarray(vector, dtype=np.float32)
+        if q.shape != (self._dim,):
+            raise IndexMismatchError(
+                f"query vector has shape {q.shape}, expected ({self._dim},) for this {self._metric} index"
+            )
+        k, search_k = self._check_k(k, search_k)
+        if self._stamp is None:
+            self._stamp = np.zeros(self._n_items, np.int32)
+        ids, dists = _k.query_one(q, *self._kargs, self._code, k, search_k, self._stamp, self._stamp_value)
+        return (ids, dists) if include_distances else ids
+
+    def query_item(self, i: int, k: int = 10, search_k: int | None = None, include_distances: bool = False):
+        """Like ``query`` with the indexed vector of item ``i`` (which is normally its own nearest)."""
+        if not isinstance(i, (int, np.integer)) or not 0 <= i < self._n_items:
+            raise ConfigError(f"item id must be an integer in [0, {self._n_items}); got {i!r}")
+        row = np.asarray(self._kargs[0][int(i)][: self._dim])
+        return self.query(row, k, search_k, include_distances)
+
+    def query_batch(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        search_k: int | None = None,
+        n_threads: int = 0,
+        include_distances: bool = False,
+    ):
+        """Answers for queries (nq, dim) on ``n_threads`` cores (0 = all), without the GIL.
+
+        Returns ids (nq, k) int64, or ``(ids, dists)`` with dists (nq, k) float32; row i equals
+        ``query(queries[i], ...)`` exactly. k is clipped to n_items.
+        """
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self._dim:
+            raise IndexMismatchError(
+                f"queries have shape {q.shape}, expected (n_queries, {self._dim}) for this {self._metric} index"
+            )
+        k, search_k = self._check_k(k, search_k)
+        threads = _thread_count(n_threads, "query_batch")
+        before = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            ids, dists, _found = _k.query_batch(q, *self._kargs, self._code, k, search_k, threads)
+        finally:
+            numba.set_num_threads(before)
+        return (ids, dists) if include_distances else ids
+
+    # ----------------------------------------------------------------------------------- files
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the index into ``directory`` (created if needed): one ``<name>.npy`` per array and
+        ``header.json`` (written last) with dim, metric, n_trees, leaf_size, seed, n_items, the
+        format and grove versions, and each array's file, shape, dtype and sha256.
+        Publishing the directory atomically is the caller's job."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for name, dtype in _ARRAYS:
+            a = np.ascontiguousarray(self._arrays[name], dtype=np.dtype(dtype))
+            path = out / f"{name}.npy"
+            np.save(path, a, allow_pickle=False)
+            files[name] = {"file": path.name, "shape": list(a.shape), "dtype": dtype, "sha256": _sha256(path)}
+        header = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "grove_version": __version__,
+            "dim": self._dim,
+            "metric": self._metric,
+            "n_trees": self._n_trees,
+            "leaf_size": self._leaf_size,
+            "seed": self._seed,
+            "n_items": self._n_items,
+            "arrays": files,
+        }
+        (out / HEADER_FILE).write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
+        return out
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        metric: str | None = None,
+        dim: int | None = None,
+        verify: bool = False,
+    ) -> "Forest":
+        """Open a saved index memory-mapped (nothing is copied; processes share the page cache).
+
+        ``metric``/``dim``, when given, must match the header (else IndexMismatchError).
+        ``verify=True`` also checks every file's sha256 (reads everything; off by default).
+        Missing, truncated or inconsistent files and unknown format versions raise IndexFormatError.
+        """
+        root = Path(directory)
+        header = _read_header(root)
+        if metric is not None and metric != header["metric"]:
+            raise IndexMismatchError(
+                f"{root / HEADER_FILE}: index metric is {header['metric']!r}, expected {metric!r}; "
+                "open the index built for that metric or rebuild it"
+            )
+        if dim is not None and int(dim) != header["dim"]:
+            raise IndexMismatchError(
+                f"{root / HEADER_FILE}: index dimension is {header['dim']}, expected {dim}; "
+                "the vectors and the index come from different embeddings: rebuild the index"
+            )
+        arrays = {}
+        for name, dtype in _ARRAYS:
+            spec = header["arrays"].get(name)
+            if not isinstance(spec, dict) or not {"file", "shape", "dtype"} <= spec.keys():
+                raise IndexFormatError(f"{root / HEADER_FILE}: no valid entry for array {name!r}; rebuild the index")
+            path = root / Path(spec["file"]).name
+            if not path.is_file():
+                raise IndexFormatError(f"{path}: file missing from the index directory; rebuild the index")
+            if verify:
+                digest = _sha256(path)
+                if digest != spec.get("sha256"):
+                    raise IndexFormatError(
+                        f"{path}: sha256 is {digest}, header records {spec.get('sha256')}; "
+                        "the file is corrupt: rebuild the index"
+                    )
+            try:
+                a = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise IndexFormatError(f"{path}: not a readable .npy array ({exc}); the file is truncated or corrupt: "
+                                       "rebuild the index") from exc
+            if a.dtype != np.dtype(dtype) or list(a.shape) != list(spec["shape"]) or spec["dtype"] != dtype:
+                raise IndexFormatError(
+                    f"{path}: array is {a.dtype.str} {list(a.shape)}, header says {spec['dtype']} {spec['shape']} "
+                    f"(expected dtype {dtype}); the file is corrupt or from another index: rebuild the index"
+                )
+            arrays[name] = a
+        _check_structure(root, header, arrays)
+        return cls(
+            arrays, dim=header["dim"], metric=header["metric"], n_trees=header["n_trees"],
+            leaf_size=header["leaf_size"], seed=header["seed"],
+        )
+
+
+def _read_header(root: Path) -> dict:
+    path = root / HEADER_FILE
+    if not path.is_file():
+        raise IndexFormatError(f"{path}: missing; {root} is not a saved grove forest (or is half-written): rebuild it")
+    try:
+        header = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IndexFormatError(f"{path}: not valid JSON ({exc}); the header is corrupt: rebuild the index") from exc
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise IndexFormatError(f"{path}: format is {header.get('format') if isinstance(header, dict) else None!r}, "
+                               f"expected {FORMAT_NAME!r}; this is not a grove forest index")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{path}: format version {header.get('format_version')!r}, this grove ({__version__}) reads version "
+            f"{FORMAT_VERSION}; rebuild the index with this grove or use the grove that wrote it "
+            f"({header.get('grove_version')!r})"
+        )
+    ints = ("dim", "n_trees", "leaf_size", "seed", "n_items")
+    for key in ints:
+        if not isinstance(header.get(key), int) or isinstance(header.get(key), bool) or header[key] < 0:
+            raise IndexFormatError(f"{path}: {key} is {header.get(key)!r}, expected a non-negative integer; "
+                                   "the header is corrupt: rebuild the index")
+    if header.get("metric") not in METRICS:
+        raise IndexFormatError(f"{path}: metric is {header.get('metric')!r}, expected one of {', '.join(METRICS)}; "
+                               "the header is corrupt: rebuild the index")
+    if not isinstance(header.get("arrays"), dict):
+        raise IndexFormatError(f"{path}: no 'arrays' table; the header is corrupt: rebuild the index")
+    return header
+
+
+def _check_structure(root: Path, header: dict, arrays: dict) -> None:
+    """Shapes agree with the header and with each other; small arrays hold in-range codes.
+
+    leaf_items (n_trees * n) is not scanned here (that would read it all); the query kernel skips
+    out-of-range ids instead of reading out of bounds.
+    """
+    n, d, t = header["n_items"], header["dim"], header["n_trees"]
+    dv = d + 1 if header["metric"] == "dot" else d
+    s = arrays["planes"].shape[0]
+    n_leaves = arrays["leaf_offsets"].shape[0] - 1
+    expected = {
+        "vectors": (n, dv), "planes": (s, dv), "offsets": (s,), "children": (s, 2), "roots": (t,),
+        "leaf_items": (t * n,),
+    }
+    for name, shape in expected.items():
+        if tuple(arrays[name].shape) != shape:
+            raise IndexFormatError(
+                f"{root / (name + '.npy')}: shape {tuple(arrays[name].shape)}, expected {shape} from "
+                f"{root / HEADER_FILE} (n_items={n}, dim={d}, n_trees={t}); rebuild the index"
+            )
+    lo = np.asarray(arrays["leaf_offsets"])
+    if n_leaves < 1 or lo[0] != 0 or lo[-1] != t * n or (n_leaves > 1 and np.any(np.diff(lo) < 0)):
+        raise IndexFormatError(f"{root / 'leaf_offsets.npy'}: offsets do not tile [0, {t * n}); "
+                               "the file is corrupt: rebuild the index")
+    for name in ("children", "roots"):
+        c = np.asarray(arrays[name])
+        if c.size and (c.max() >= s or c.min() < -n_leaves):
+            raise IndexFormatError(f"{root / (name + '.npy')}: node codes outside [-{n_leaves}, {s}); "
+                                   "the file is corrupt: rebuild the index")
