@@ -54,10 +54,11 @@ def write_tiny_config(config_dir: Path, name: str, files: dict[str, Path], n_tre
         [forest]
         n_trees = [{", ".join(str(n) for n in n_trees)}]
         seed = 0
+        leaf_size = 16
 
         [evaluate]
         k = 10
-        search_k = [10, 50, 200]
+        search_k = [10, 50, 2000]
         n_queries = 20
         """
     )
