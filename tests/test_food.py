@@ -148,6 +148,22 @@ def test_truncated_plain_tar_at_a_member_boundary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.tar", "good.tar"]
 
 
+def test_read_only_directory_member_does_not_block_its_files(tmp_path):
+    ro = tarfile.TarInfo("food-101/images/apple_pie")
+    ro.type, ro.mode = tarfile.DIRTYPE, 0o555
+    archive = tmp_path / "ro.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.addfile(ro)
+        info = tarfile.TarInfo("food-101/images/apple_pie/1.jpg")
+        data = jpeg_bytes((1, 2, 3))
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    out = extract_archive(archive, tmp_path / "out")
+    assert (out / "food-101" / "images" / "apple_pie" / "1.jpg").read_bytes() == data
+    # checked on the mode too: running as root, a read-only directory would not have blocked anything
+    assert (out / "food-101" / "images" / "apple_pie").stat().st_mode & 0o200
+
+
 def test_not_an_archive(tmp_path):
     junk = tmp_path / "junk.tar.gz"
     junk.write_bytes(gzip.compress(b"this is not a tar file" * 100))
@@ -204,6 +220,9 @@ def test_malformed_meta(tmp_path, food_tree):
         read_food101(food_tree, split="test")
     (meta / "test.json").write_text(json.dumps({"apple_pie": ["baklava/1"]}))
     with pytest.raises(FormatError, match="baklava/1"):
+        read_food101(food_tree, split="test")
+    (meta / "test.json").write_text(json.dumps({"apple_pie": ["apple_pie/.."]}))
+    with pytest.raises(FormatError, match="apple_pie/.."):
         read_food101(food_tree, split="test")
     (meta / "test.json").write_text(json.dumps({"pizza": ["pizza/1"]}))
     with pytest.raises(FormatError, match="pizza"):

@@ -136,11 +136,16 @@ def extract_archive(archive: str | Path, target_dir: str | Path) -> Path:
                 with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
                     for member in tar:
                         _check_member(archive, member)
+                        if member.isdir():
+                            # created here rather than by tarfile, so that a read-only directory
+                            # mode in the archive cannot stop the files that follow it
+                            (tmp / member.name).mkdir(parents=True, exist_ok=True)
+                            continue
                         # The 'data' filter is a second line of defence (and drops setuid bits,
                         # owners); the checks above give the clearer message.
                         tar.extract(member, tmp, filter="data")
-                        n_files += member.isfile()
-                        if n_files and n_files % 10000 == 0 and member.isfile():
+                        n_files += 1
+                        if n_files % 10000 == 0:
                             log.info("%s: extracted %d files", archive, n_files)
                     end_of_members = tar.offset
                 # tarfile stops at the first zero block without reading the rest; drain the stream
@@ -266,7 +271,8 @@ def read_food101(
         if not entries:
             log.warning("%s: class %r has no %s images", path, cls, split)
         for entry in entries:
-            if not isinstance(entry, str) or PurePosixPath(entry).parent.as_posix() != cls or ".." in entry:
+            if (not isinstance(entry, str) or PurePosixPath(entry).parent.as_posix() != cls
+                    or PurePosixPath(entry).name in ("", ".", "..")):
                 raise FormatError(
                     f"{path}: entry {entry!r} of class {cls!r} is not of the form '{cls}/<id>'; the file is malformed"
                 )
