@@ -137,8 +137,8 @@ def extract_archive(archive: str | Path, target_dir: str | Path) -> Path:
                     for member in tar:
                         _check_member(archive, member)
                         if member.isdir():
-                            # created here rather than by tarfile, so that a read-only directory
-                            # mode in the archive cannot stop the files that follow it
+                            # created here with the default mode: a read-only directory mode in
+                            # the archive would make the extracted tree impossible to clean up
                             (tmp / member.name).mkdir(parents=True, exist_ok=True)
                             continue
                         # The 'data' filter is a second line of defence (and drops setuid bits,
