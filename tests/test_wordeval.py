@@ -12,7 +12,6 @@ import pytest
 from pipeline.errors import ConfigError, FormatError
 from pipeline.wordeval import (
     GOOGLE_ANALOGIES,
-    SIMLEX999,
     WORDSIM353,
     analogy_accuracy,
     evaluate_word_embedding,

@@ -115,7 +115,7 @@ def _looks_like_text(first_record: bytes, dim: int) -> bool:
     return True
 
 
-def _check_text_rows(path: Path, fin: IO[bytes], n_rows: int, dim: int) -> None:
+def _check_text_rows(path: Path, fin: IO[bytes], n_rows: int, dim: int, hint: str = "") -> None:
     """Check that the next ``n_rows`` text lines each hold a word and exactly ``dim`` values.
 
     gensim does not check this: a short row is broadcast into the vector (``"w 3"`` becomes
@@ -132,7 +132,7 @@ def _check_text_rows(path: Path, fin: IO[bytes], n_rows: int, dim: int) -> None:
         if n_values != dim:
             raise FormatError(
                 f"{path}: line {i + 2} holds {n_values} values, expected {dim} (the header's dim) "
-                f"after the word: the file is malformed or truncated"
+                f"after the word: the file is malformed or truncated{hint}"
             )
 
 
@@ -213,14 +213,16 @@ def read_word2vec(
         with _open_maybe_compressed(path) as fin:
             n_words, dim = _parse_header(path, fin.readline())
             n_read = n_words if limit is None else min(n_words, limit)
+            hint = f" (or it is not a {'binary' if binary else 'text'} file: pass binary=None to detect the format)"
             if binary is None:
+                hint = ""
                 # The first record of a text file is one line; of a binary file, a word and 4*dim bytes.
                 binary = not _looks_like_text(fin.read(4 * dim + 4096), dim)
                 log.debug("%s: detected %s word2vec format", path, "binary" if binary else "text")
                 fin.seek(0)
                 fin.readline()
             if not binary:
-                _check_text_rows(path, fin, n_read, dim)
+                _check_text_rows(path, fin, n_read, dim, hint)
     except FormatError:
         raise
     except _DAMAGE as exc:
@@ -236,7 +238,7 @@ def read_word2vec(
         raise FormatError(
             f"{path}: the header declares {n_words} vectors of dimension {dim} but the file ends before "
             f"{n_read} complete {'binary' if binary else 'text'} vectors were read (gensim: {exc}); the file "
-            f"is truncated or its header is wrong: download it again"
+            f"is truncated or its header is wrong: download it again{hint}"
         ) from exc
     except UnicodeDecodeError as exc:
         raise FormatError(
