@@ -293,4 +293,4 @@ def test_wrong_explicit_format_says_so(tmp_path):
     b = write(tmp_path, "v.bin", binary_bytes(words, vectors))
     t = write(tmp_path, "v.txt", text_bytes(words, vectors))
     _raises(b, "not a text file: pass binary=None", binary=False)
-    _raises(t, "not a binary file: pass binary=None", binary=True)
+    _raises(t, "binary=True but the first record is a text line", binary=True)

@@ -214,13 +214,20 @@ def read_word2vec(
             n_words, dim = _parse_header(path, fin.readline())
             n_read = n_words if limit is None else min(n_words, limit)
             hint = f" (or it is not a {'binary' if binary else 'text'} file: pass binary=None to detect the format)"
+            # The first record of a text file is one line; of a binary file, a word and 4*dim bytes.
+            looks_like_text = _looks_like_text(fin.read(4 * dim + 4096), dim)
+            fin.seek(0)
+            fin.readline()
             if binary is None:
                 hint = ""
-                # The first record of a text file is one line; of a binary file, a word and 4*dim bytes.
-                binary = not _looks_like_text(fin.read(4 * dim + 4096), dim)
+                binary = not looks_like_text
                 log.debug("%s: detected %s word2vec format", path, "binary" if binary else "text")
-                fin.seek(0)
-                fin.readline()
+            elif binary and looks_like_text:
+                # gensim would read the text as bytes of floats and return garbage without an error
+                raise FormatError(
+                    f"{path}: binary=True but the first record is a text line of a word and {dim} numbers; "
+                    f"expected a word, a space and {dim} raw float32: pass binary=False or None"
+                )
             if not binary:
                 _check_text_rows(path, fin, n_read, dim, hint)
     except FormatError:
