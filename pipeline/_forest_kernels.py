@@ -20,7 +20,10 @@ Array layout of a forest (global over all trees; see ``pipeline/forest.py`` for 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 ANGULAR, EUCLIDEAN, MANHATTAN, DOT = 0, 1, 2, 3
 METRIC_CODES = {"angular": ANGULAR, "euclidean": EUCLIDEAN, "manhattan": MANHATTAN, "dot": DOT}
@@ -444,17 +447,62 @@ def _topk_insert(kd, ki, size, k, d, item):
     return size
 
 
+@intrinsic
+def prefetch_row(typingctx, arr, row, col):
+    """Hint the CPU to load the cache line holding ``arr[row, col]`` (no effect on results)."""
+    sig = types.void(arr, row, col)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        r = context.cast(builder, args[1], signature.args[1], types.intp)
+        c = context.cast(builder, args[2], signature.args[2], types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [r, c], wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        # read access, high temporal locality, data cache
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def _rank_candidates(qbuf, vectors, metric, k, cand, a, b, kd, ki, found, bound):
+    """Rank cand[a:b] (item ids) into the top-k heap (kd, ki); returns (found, bound)."""
+    for c in range(a, b):
+        item = cand[c]
+        x = vectors[item]
+        if metric == EUCLIDEAN:
+            dist = _sqdist_bounded(qbuf, x, bound)
+        elif metric == MANHATTAN:
+            dist = _l1dist_bounded(qbuf, x, bound)
+        else:
+            dist = -_dot(qbuf, x)
+        if found == k and dist > bound:
+            continue
+        found = _topk_insert(kd, ki, found, k, dist, item)
+        if found == k:
+            bound = kd[0]
+    return found, bound
+
+
 @njit(cache=True, nogil=True)
 def _search_one(
     qraw, vectors, planes, offsets, children, roots, leaf_offsets, leaf_items,
-    metric, k, search_k, stamp, stamp_value, qbuf, kd, ki, out_ids, out_dists,
+    metric, k, search_k, visited, qbuf, kd, ki, out_ids, out_dists,
 ):
     """Answer one query into out_ids (k,) int64 and out_dists (k,) float32; returns the count found.
 
-    qraw (d,) float32 is the query as given; stamp (n,) int32 marks items already ranked in this
-    query with ``stamp_value``. Candidates are collected from ONE max-heap over all trees keyed by
+    qraw (d,) float32 is the query as given; visited (n,) uint8 must be all zero on entry and is
+    all zero again on return. Candidates are collected from ONE max-heap over all trees keyed by
     the smallest margin on the path, until ``search_k`` leaf entries (duplicates included, as
-    Annoy counts) have been seen and at least k distinct items are ranked.
+    Annoy counts) have been seen and at least k distinct items are known.
+
+    Memory latency dominates: the rows of a leaf's new candidates are prefetched when the leaf is
+    popped and ranked one leaf later, so their loads overlap with the tree walk.
     """
     n, dv = vectors.shape
     d_in = qraw.shape[0]
@@ -477,10 +525,19 @@ def _search_one(
         hsize += 1
     n_splits = planes.shape[0]
     n_leaves = leaf_offsets.shape[0] - 1
+    ccap = 256
+    while ccap < min(search_k, n) + 64:
+        ccap *= 2
+    cand = np.empty(ccap, np.int32)
+    n_cand = 0
+    ranked = 0
+    row_bytes = dv * 4
+    n_lines = min((row_bytes + 63) // 64, 8)
+    p_lines = min((row_bytes + 63) // 64, 4)
     seen = 0
     found = 0
     bound = inf
-    while hsize > 0 and (seen < search_k or found < k):
+    while hsize > 0 and (seen < search_k or n_cand < k):
         p = pri[0]
         c = node[0]
         _heap_pop(pri, node, hsize)
@@ -491,9 +548,16 @@ def _search_one(
             m = _dot(planes[c], qbuf) + offsets[c]
             pr = p if p < m else m
             pl = p if p < -m else -m
-            pri, node = _heap_push(pri, node, hsize, pr, children[c, 1])
+            c1 = children[c, 1]
+            c0 = children[c, 0]
+            # the plane of the nearer child is usually needed soon: start loading it now
+            cn = c1 if m > 0 else c0
+            if cn >= 0 and cn < n_splits:
+                for line in range(p_lines):
+                    prefetch_row(planes, cn, line * 16)
+            pri, node = _heap_push(pri, node, hsize, pr, c1)
             hsize += 1
-            pri, node = _heap_push(pri, node, hsize, pl, children[c, 0])
+            pri, node = _heap_push(pri, node, hsize, pl, c0)
             hsize += 1
         else:
             leaf = -c - 1
@@ -502,30 +566,31 @@ def _search_one(
             a = leaf_offsets[leaf]
             b = leaf_offsets[leaf + 1]
             seen += b - a
+            if n_cand + (b - a) > cand.shape[0]:
+                grown = np.empty(2 * cand.shape[0] + (b - a), np.int32)
+                grown[:n_cand] = cand[:n_cand]
+                cand = grown
+            before = n_cand
             for pos in range(a, b):
                 item = leaf_items[pos]
-                if item < 0 or item >= n or stamp[item] == stamp_value:
+                if item < 0 or item >= n or visited[item] != 0:
                     continue
-                stamp[item] = stamp_value
-                x = vectors[item]
-                if metric == EUCLIDEAN:
-                    dist = _sqdist_bounded(qbuf, x, bound)
-                elif metric == MANHATTAN:
-                    dist = _l1dist_bounded(qbuf, x, bound)
-                else:
-                    dist = -_dot(qbuf, x)
-                if found == k and dist > bound:
-                    continue
-                found = _topk_insert(kd, ki, found, k, dist, item)
-                if found == k:
-                    bound = kd[0]
+                visited[item] = 1
+                cand[n_cand] = item
+                n_cand += 1
+                for line in range(n_lines):
+                    prefetch_row(vectors, item, line * 16)
+            found, bound = _rank_candidates(qbuf, vectors, metric, k, cand, ranked, before, kd, ki, found, bound)
+            ranked = before
+    found, bound = _rank_candidates(qbuf, vectors, metric, k, cand, ranked, n_cand, kd, ki, found, bound)
+    for c in range(n_cand):
+        visited[cand[c]] = 0
     # sort the k best by (distance, id): pop the max-heap from the back
     size = found
     while size > 0:
         dlast = kd[0]
         ilast = ki[0]
         size -= 1
-        # move the last entry to the root and sift down within [0, size)
         d = kd[size]
         it = ki[size]
         i = 0
@@ -557,16 +622,11 @@ def _search_one(
 
 @njit(cache=True, nogil=True)
 def query_one(qraw, vectors, planes, offsets, children, roots, leaf_offsets, leaf_items,
-              metric, k, search_k, stamp, scratch_i):
+              metric, k, search_k, visited):
     """One query; returns (ids (found,) int64, dists (found,) float32), nearest first.
 
-    stamp (n,) int32 and scratch_i (1,) int64 (the last stamp value) persist between calls.
+    visited (n,) uint8 is all-zero scratch kept between calls (reset by each query).
     """
-    v = scratch_i[0] + 1
-    if v >= 2147483647:
-        stamp[:] = 0
-        v = 1
-    scratch_i[0] = v
     dv = vectors.shape[1]
     qbuf = np.empty(dv, np.float32)
     kd = np.empty(k, np.float32)
@@ -574,7 +634,7 @@ def query_one(qraw, vectors, planes, offsets, children, roots, leaf_offsets, lea
     out_ids = np.empty(k, np.int64)
     out_dists = np.empty(k, np.float32)
     found = _search_one(qraw, vectors, planes, offsets, children, roots, leaf_offsets, leaf_items,
-                        metric, k, search_k, stamp, np.int32(v), qbuf, kd, ki, out_ids, out_dists)
+                        metric, k, search_k, visited, qbuf, kd, ki, out_ids, out_dists)
     return out_ids[:found], out_dists[:found]
 
 
@@ -592,18 +652,15 @@ def query_batch(queries, vectors, planes, offsets, children, roots, leaf_offsets
     dists = np.full((nq, k), np.inf, np.float32)
     found = np.zeros(nq, np.int64)
     for w in prange(n_workers):
-        stamp = np.zeros(n, np.int32)
+        visited = np.zeros(n, np.uint8)
         qbuf = np.empty(dv, np.float32)
         kd = np.empty(k, np.float32)
         ki = np.empty(k, np.int64)
         out_ids = np.empty(k, np.int64)
         out_dists = np.empty(k, np.float32)
-        v = 0
         for i in range(w, nq, n_workers):
-            v += 1
             f = _search_one(queries[i], vectors, planes, offsets, children, roots, leaf_offsets,
-                            leaf_items, metric, k, search_k, stamp, np.int32(v), qbuf, kd, ki,
-                            out_ids, out_dists)
+                            leaf_items, metric, k, search_k, visited, qbuf, kd, ki, out_ids, out_dists)
             found[i] = f
             for j in range(f):
                 ids[i, j] = out_ids[j]

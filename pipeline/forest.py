@@ -106,8 +106,7 @@ class Forest:
         self._seed = int(seed)
         self._n_items = int(arrays["vectors"].shape[0])
         self._kargs = tuple(np.asarray(arrays[name]) for name, _ in _ARRAYS)
-        self._stamp = None  # (n,) int32 scratch of the single-query kernel, made on first use
-        self._stamp_value = np.zeros(1, np.int64)
+        self._visited = None  # (n,) uint8 all-zero scratch of the single-query kernel, made on first use
 
     dim = property(lambda self: self._dim, doc="Dimension of the vectors (int).")
     metric = property(lambda self: self._metric, doc="'angular', 'euclidean', 'manhattan' or 'dot'.")
@@ -239,9 +238,9 @@ class Forest:
                 f"query vector has shape {q.shape}, expected ({self._dim},) for this {self._metric} index"
             )
         k, search_k = self._check_k(k, search_k)
-        if self._stamp is None:
-            self._stamp = np.zeros(self._n_items, np.int32)
-        ids, dists = _k.query_one(q, *self._kargs, self._code, k, search_k, self._stamp, self._stamp_value)
+        if self._visited is None:
+            self._visited = np.zeros(self._n_items, np.uint8)
+        ids, dists = _k.query_one(q, *self._kargs, self._code, k, search_k, self._visited)
         return (ids, dists) if include_distances else ids
 
     def query_item(self, i: int, k: int = 10, search_k: int | None = None, include_distances: bool = False):
