@@ -23,7 +23,7 @@ PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 _REQUIRED = object()
 
-KINDS = ("idx", "word2vec", "food101")
+KINDS = ("idx", "word2vec")
 
 # section -> key -> (accepted types, default). Lists are written as ("list", item type).
 _SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
@@ -32,13 +32,6 @@ _SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "kind": (str, _REQUIRED),
         "description": (str, ""),
         "mirror_subdir": (str, None),
-    },
-    "decode": {
-        # idx: the source names holding the images and labels of each split
-        "train_images": (str, None),
-        "train_labels": (str, None),
-        "test_images": (str, None),
-        "test_labels": (str, None),
     },
     "embed": {
         "model": (str, "pixels"),
@@ -65,6 +58,24 @@ _SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     },
 }
 
+# [decode] depends on the dataset's kind; values naming sources are checked against [sources].
+_DECODE_SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
+    "idx": {
+        "train_images": (str, _REQUIRED),
+        "train_labels": (str, _REQUIRED),
+        "test_images": (str, _REQUIRED),
+        "test_labels": (str, _REQUIRED),
+    },
+    "word2vec": {
+        "vectors": (str, _REQUIRED),  # source with the vectors
+        "words": (str, None),  # source with the words, for the npy format (a Parquet table)
+        "format": (str, "auto"),
+        "words_column": (str, None),
+        "limit": (int, 0),  # read at most this many words (0 = all)
+    },
+}
+_SOURCE_REFS = {"idx": ("train_images", "train_labels", "test_images", "test_labels"), "word2vec": ("vectors", "words")}
+
 _SOURCE_SCHEMA: dict[str, tuple[Any, Any]] = {
     "filename": (str, _REQUIRED),
     "urls": (("list", str), []),
@@ -74,7 +85,8 @@ _SOURCE_SCHEMA: dict[str, tuple[Any, Any]] = {
 
 _CHOICES = {
     ("dataset", "kind"): KINDS,
-    ("embed", "model"): ("pixels",),
+    ("embed", "model"): ("pixels", "normalized"),
+    ("decode", "format"): ("auto", "binary", "text", "npy"),
     ("embed", "metric"): METRICS,
     ("split", "method"): ("column", "holdout"),
 }
@@ -168,13 +180,14 @@ def _fill_section(path: Path, section: str, raw: Any, schema: dict[str, tuple[An
 
 def validate(raw: dict, path: Path) -> dict:
     """Check a parsed TOML document against the schema; return it with every default filled in."""
-    unknown = sorted(set(raw) - set(_SCHEMA) - {"sources"})
+    unknown = sorted(set(raw) - set(_SCHEMA) - {"sources", "decode"})
     if unknown:
         raise ConfigError(
             f"{path}: unknown section [{unknown[0]}]; known sections: "
-            f"{', '.join(sorted([*_SCHEMA, 'sources']))}"
+            f"{', '.join(sorted([*_SCHEMA, 'sources', 'decode']))}"
         )
     cfg = {section: _fill_section(path, section, raw.get(section, {}), schema) for section, schema in _SCHEMA.items()}
+    cfg["decode"] = _fill_section(path, "decode", raw.get("decode", {}), _DECODE_SCHEMA[cfg["dataset"]["kind"]])
     if cfg["dataset"]["name"] != path.stem:
         raise ConfigError(f"{path}: dataset.name is {cfg['dataset']['name']!r} but the file is named {path.name}")
     cfg["dataset"]["mirror_subdir"] = cfg["dataset"]["mirror_subdir"] or cfg["dataset"]["name"]
@@ -199,15 +212,12 @@ def validate(raw: dict, path: Path) -> dict:
 
 
 def _check_kind(cfg: dict, path: Path) -> None:
-    if cfg["dataset"]["kind"] == "idx":
-        for key in ("train_images", "train_labels", "test_images", "test_labels"):
-            name = cfg["decode"][key]
-            if name is None:
-                raise ConfigError(f"{path}: an idx dataset needs decode.{key} naming one of its sources")
-            if name not in cfg["sources"]:
-                raise ConfigError(
-                    f"{path}: decode.{key} = {name!r} is not a source; sources: {', '.join(cfg['sources'])}"
-                )
+    for key in _SOURCE_REFS[cfg["dataset"]["kind"]]:
+        name = cfg["decode"][key]
+        if name is not None and name not in cfg["sources"]:
+            raise ConfigError(f"{path}: decode.{key} = {name!r} is not a source; sources: {', '.join(cfg['sources'])}")
+    if cfg["decode"].get("format") == "npy" and not cfg["decode"]["words"]:
+        raise ConfigError(f"{path}: decode.format = 'npy' needs decode.words naming the source with the words")
 
 
 def load_config(dataset: str, config_dir: str | os.PathLike | None = None) -> dict:

@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .exact import exact_neighbors
+from .exact import exact_neighbors, normalize_rows
 
 log = logging.getLogger(__name__)
 
@@ -92,5 +92,7 @@ def sweep_forest(
 def exact_baseline(base: np.ndarray, queries: np.ndarray, k: int, metric: str, n_timed: int) -> dict:
     """Single-query QPS of brute-force search (recall 1 by definition), on the first n_timed queries."""
     timed = queries[: max(1, min(n_timed, len(queries)))]
-    qps = time_single_queries(lambda q: exact_neighbors(base, q[None, :], k, metric), timed)
+    if metric == "angular":
+        base = normalize_rows(base)  # once, as an exact-search service would keep it
+    qps = time_single_queries(lambda q: exact_neighbors(base, q[None, :], k, metric, base_normalized=True), timed)
     return {"n_trees": 0, "search_k": 0, "recall": 1.0, "qps": float(qps), "batch_qps": float("nan")}

@@ -23,10 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import download
-from .errors import ConfigError, FormatError
+from .errors import ConfigError
 from .evaluate import directory_bytes, exact_baseline, sweep_forest
-from .exact import exact_neighbors
-from .formats.idx import read_idx
+from .decode import DECODERS
+from .exact import exact_neighbors, normalize_rows
 from .vectors import read_vectors, write_vectors
 
 log = logging.getLogger(__name__)
@@ -91,31 +91,10 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def write_decode(cfg: dict, fetched: Path, out: Path, report: Report = _quiet) -> dict:
-    """Read the raw files into one items table (``items.arrow``): uint8 pixels for images."""
-    kind = cfg["dataset"]["kind"]
-    if kind != "idx":
-        raise ConfigError(f"{cfg['_path']}: decoding datasets of kind {kind!r} is not implemented yet")
-    parts, keys, labels, splits = [], [], [], []
-    for split in ("train", "test"):
-        images_src = cfg["sources"][cfg["decode"][f"{split}_images"]]["filename"]
-        labels_src = cfg["sources"][cfg["decode"][f"{split}_labels"]]["filename"]
-        images = read_idx(fetched / images_src, expect_ndim=3)
-        split_labels = read_idx(fetched / labels_src, expect_ndim=1)
-        if images.shape[0] != split_labels.shape[0]:
-            raise FormatError(
-                f"{fetched / images_src}: {images.shape[0]} images but {fetched / labels_src} has "
-                f"{split_labels.shape[0]} labels; the two files must describe the same items"
-            )
-        parts.append(images.reshape(images.shape[0], -1).astype(np.uint8, copy=False))
-        keys.extend(f"{split}/{i}" for i in range(images.shape[0]))
-        labels.append(split_labels.astype(np.int32))
-        splits.extend([split] * images.shape[0])
-        report(0.5 if split == "train" else 1.0, f"decoded {split}: {images.shape[0]} images")
-    pixels = np.concatenate(parts)
-    shape = list(images.shape[1:])
-    n = write_vectors(out / "items.arrow", pixels, keys, np.concatenate(labels), splits,
-                      meta={"image_shape": shape, "source": "idx"})
-    return {"rows": {"items": n}}
+    """Read the raw files into one items table (``items.arrow``): uint8 pixels, or float32 word vectors."""
+    vectors, keys, labels, splits, meta = DECODERS[cfg["dataset"]["kind"]](cfg, fetched, report)
+    n = write_vectors(out / "items.arrow", vectors, keys, labels, splits, meta=meta)
+    return {"rows": {"items": n}, "dim": int(vectors.shape[1])}
 
 
 # --- embed ---------------------------------------------------------------------------------------
@@ -125,12 +104,13 @@ def write_embed(cfg: dict, decoded: Path, out: Path, report: Report = _quiet) ->
     """Turn items into float32 vectors (``vectors.arrow``) with metric and model in the metadata."""
     emb = cfg["embed"]
     items = read_vectors(decoded / "items.arrow")
-    if emb["model"] != "pixels":
-        raise ConfigError(f"{cfg['_path']}: embed.model {emb['model']!r} is not implemented yet")
     vectors = np.empty(items.vectors.shape, dtype=np.float32)
     step = 8192
     for start in range(0, len(items), step):
-        np.multiply(items.vectors[start : start + step], np.float32(emb["scale"]), out=vectors[start : start + step])
+        block = items.vectors[start : start + step]
+        if emb["model"] == "normalized":
+            block = normalize_rows(block)
+        np.multiply(block, np.float32(emb["scale"]), out=vectors[start : start + step])
         report(min(1.0, (start + step) / len(items)), f"embedded {min(start + step, len(items))} items")
     meta = {k: v for k, v in items.meta.items() if k != "dim"}
     meta.update(metric=emb["metric"], model=emb["model"])
@@ -222,11 +202,22 @@ def write_forest(cfg: dict, split: Path, out: Path, n_trees: int, n_threads: int
 # --- evaluate ------------------------------------------------------------------------------------
 
 
-def write_evaluate(cfg: dict, split: Path, exact: Path, forests: dict[int, Path], out: Path,
-                   report: Report = _quiet) -> dict:
-    """Recall@k and QPS over the search_k sweep for every forest, plus exact search as a point.
+def embedding_quality(cfg: dict, embedded: Path) -> dict:
+    """How good the embedding itself is: word similarity and analogies for word vectors."""
+    if cfg["dataset"]["kind"] != "word2vec":
+        return {}
+    from .wordeval import evaluate_word_embedding
 
-    Writes ``results.parquet`` and ``results.json`` (the same rows, plus the settings).
+    table = read_vectors(embedded / "vectors.arrow")
+    return evaluate_word_embedding(table.keys, table.vectors)
+
+
+def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests: dict[int, Path], out: Path,
+                   report: Report = _quiet) -> dict:
+    """Recall@k and QPS over the search_k sweep for every forest, plus exact search as a point,
+    and the embedding's own quality where the dataset has a measure of it.
+
+    Writes ``results.parquet`` and ``results.json`` (the same rows, plus the settings and quality).
     """
     from .forest import Forest
 
@@ -250,10 +241,16 @@ def write_evaluate(cfg: dict, split: Path, exact: Path, forests: dict[int, Path]
     report(1.0, "evaluation done")
     table = pa.Table.from_pylist([{"method": "exact" if r["n_trees"] == 0 else "forest", **r} for r in rows])
     pq.write_table(table, out / "results.parquet")
+    quality = embedding_quality(cfg, embedded)
     summary = {"k": k, "n_queries": int(len(queries)), "n_timed": int(min(ev["n_queries"], len(queries))),
-               "metric": cfg["embed"]["metric"], "rows": table.to_pylist()}
+               "metric": cfg["embed"]["metric"], "rows": table.to_pylist(), "quality": quality}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return {"rows": {"results": len(rows)}, "metrics": {"best_recall": max(r["recall"] for r in rows if r["n_trees"])}}
+    metrics = {"best_recall": max(r["recall"] for r in rows if r["n_trees"])}
+    if quality:
+        metrics.update(wordsim353_spearman=round(quality["wordsim353"]["spearman"], 4),
+                       simlex999_spearman=round(quality["simlex999"]["spearman"], 4),
+                       analogy_accuracy=round(quality["analogy"]["accuracy"], 4))
+    return {"rows": {"results": len(rows)}, "metrics": metrics}
 
 
 def format_results(rows: list[dict], k: int = 10) -> str:

@@ -83,13 +83,13 @@ class Evaluate(GroveTask):
 
     def parent_tasks(self):
         forests = {f"forest_{n}": self.clone(Forest, n_trees=n) for n in self.cfg["forest"]["n_trees"]}
-        return {"split": self.clone(Split), "exact": self.clone(Exact), **forests}
+        return {"embed": self.clone(Embed), "split": self.clone(Split), "exact": self.clone(Exact), **forests}
 
     def write(self, tmp: Path):
         forests = {task.n_trees: self.parent_path(name) for name, task in self.parent_tasks().items()
                    if isinstance(task, Forest)}
-        out = stages.write_evaluate(self.cfg, self.parent_path("split"), self.parent_path("exact"), forests, tmp,
-                                    self.report)
+        out = stages.write_evaluate(self.cfg, self.parent_path("embed"), self.parent_path("split"),
+                                    self.parent_path("exact"), forests, tmp, self.report)
         rows = json.loads((tmp / "results.json").read_text())["rows"]
         log.info("%s evaluation:\n%s", self.dataset, stages.format_results(rows, self.cfg["evaluate"]["k"]))
         return out

@@ -61,6 +61,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     return codes.get(result.status, EXIT_FAILED)
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    from pipeline import query
+    from pipeline.forest import Forest
+
+    from .chain import Evaluate, Forest as ForestTask
+
+    settings = _settings()
+    cfg = load_config(args.dataset, settings.config_dir())
+    parents = Evaluate(dataset=args.dataset).parent_tasks()
+    forest_task = max((t for t in parents.values() if isinstance(t, ForestTask)), key=lambda t: t.n_trees)
+    split_dir = parents["split"].output().ref.path
+    index_dir = forest_task.output().ref.path
+    for path in (split_dir, index_dir):
+        artifacts.read_manifest(path)  # missing or damaged: a clear error, exit 3
+    base, queries = query.open_split(split_dir)
+    vector, exclude = query.query_vector(args.text, cfg["dataset"]["kind"], base, queries)
+    forest = None if args.exact else Forest.load(index_dir / "index", metric=cfg["embed"]["metric"], dim=base.dim)
+    if forest is not None:
+        forest.query(vector, k=1)  # compile/warm once so the timing below is the query alone
+    approx, truth = query.search(forest, base, vector, args.k, args.search_k, exclude, cfg["embed"]["metric"],
+                                 exact=args.exact or not args.approx_only)
+    print(f"{args.dataset}: {args.text!r}  (index {forest_task.output().ref.key}, n_trees={forest_task.n_trees}, "
+          f"search_k={args.search_k or 'default'})")
+    print(query.format_answers(approx, truth))
+    return EXIT_OK
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     settings = _settings()
     for name in available_datasets(settings.config_dir()):
@@ -105,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler-host", default=None, help="use the luigid at this host (default: local scheduler)")
     p.add_argument("--scheduler-port", type=int, default=8082, help="luigid port (default 8082)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("query", help="nearest neighbours of a word, a phrase or an item, approximate and exact")
+    p.add_argument("dataset")
+    p.add_argument("text", metavar="TEXT|ID", help="a word or phrase (word datasets), an item key or a query number")
+    p.add_argument("-k", type=int, default=10, help="neighbours to show (default 10)")
+    p.add_argument("--search-k", type=int, default=None, help="candidates to inspect (default k * n_trees)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--exact", action="store_true", help="exact search only")
+    mode.add_argument("--approx-only", action="store_true", help="the index only, no exact search beside it")
+    p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("datasets", help="list the configured datasets")
     p.set_defaults(func=cmd_datasets)
