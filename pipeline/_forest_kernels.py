@@ -9,8 +9,11 @@ Array layout of a forest (global over all trees; see ``pipeline/forest.py`` for 
   ``angular``, raw for ``euclidean``/``manhattan``, and for ``dot`` the raw row plus one extra column
   ``sqrt(M^2 - |x|^2)`` (M = the largest norm) so that every row has norm M and the trees can split
   by angle (maximum inner product reduced to angular search for the tree walk).
-- ``planes``   (S, dv) float32 and ``offsets`` (S,) float32: split node s sends x to its right child
-  when ``<planes[s], x> + offsets[s] > 0``. An all-zero plane marks a random split.
+- ``planes``   (S, dv) int8 and ``plane_coefs`` (S, 2) float32 = (scale, offset): split node s sends
+  x to its right child when its margin ``scale * <planes[s], x> + offset`` is > 0. The unit normal
+  is stored quantised to int8 (a quarter of the bytes of float32; the split is a heuristic, and the
+  build assigns sides with the same quantised plane that queries use). An all-zero plane marks a
+  random split.
 - ``children`` (S, 2) int32: a child code ``c >= 0`` is split node ``c``; ``c < 0`` is leaf ``-c - 1``.
 - ``roots``    (n_trees,) int32: child code of each tree's root.
 - ``leaf_offsets`` (L + 1,) int64 and ``leaf_items`` (n_trees * n,) int32: leaf l holds the item ids
@@ -29,7 +32,7 @@ ANGULAR, EUCLIDEAN, MANHATTAN, DOT = 0, 1, 2, 3
 METRIC_CODES = {"angular": ANGULAR, "euclidean": EUCLIDEAN, "manhattan": MANHATTAN, "dot": DOT}
 
 # Two-means refinement steps per split and the retry policy for lopsided splits.
-TWO_MEANS_ITERATIONS = 200
+TWO_MEANS_ITERATIONS = 100
 SPLIT_ATTEMPTS = 3
 MAX_SIDE_FRACTION = 0.95
 # Euclidean/manhattan distances are summed in blocks of this many dimensions; after each block a
@@ -82,6 +85,15 @@ def _dot(a, b):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
+def _dot_i8(a, b):
+    """<a, b> for a (dv,) int8 and b (dv,) float32."""
+    s = np.float32(0.0)
+    for j in range(a.shape[0]):
+        s += np.float32(a[j]) * b[j]
+    return s
+
+
+@njit(cache=True, nogil=True, fastmath=True)
 def _sqdist(a, b):
     s = np.float32(0.0)
     for j in range(a.shape[0]):
@@ -105,11 +117,7 @@ def _sqdist_bounded(q, x, bound):
     total = np.float32(0.0)
     for j0 in range(0, d, _BLOCK):
         j1 = min(j0 + _BLOCK, d)
-        s = np.float32(0.0)
-        for j in range(j0, j1):
-            t = q[j] - x[j]
-            s += t * t
-        total += s
+        total += _sqdist(q[j0:j1], x[j0:j1])
         if total > bound:
             return total
     return total
@@ -121,10 +129,7 @@ def _l1dist_bounded(q, x, bound):
     total = np.float32(0.0)
     for j0 in range(0, d, _BLOCK):
         j1 = min(j0 + _BLOCK, d)
-        s = np.float32(0.0)
-        for j in range(j0, j1):
-            s += abs(q[j] - x[j])
-        total += s
+        total += _l1dist(q[j0:j1], x[j0:j1])
         if total > bound:
             return total
     return total
@@ -191,32 +196,51 @@ def _two_means(vecs, perm, s, e, metric, n_iter, state, p, q):
                 _normalize_inplace(q)
 
 
-@njit(cache=True, nogil=True)
-def _assign_sides(vecs, perm, s, e, plane, offset, side, state):
-    """side[i - s] = 1 (right) if <plane, x> + offset > 0, 0 if < 0, a coin flip if == 0.
+@njit(cache=True, nogil=True, fastmath=True)
+def _dot_u8(w, x):
+    """<w, x> for w (dv,) float32 and x (dv,) uint8."""
+    s = np.float32(0.0)
+    for j in range(w.shape[0]):
+        s += w[j] * np.float32(x[j])
+    return s
 
-    Returns the number of right-side items.
+
+@njit(cache=True, nogil=True)
+def _assign_sides(codes, perm, s, e, w, c, side, state):
+    """side[i - s] = 1 (right) if the build margin <w, codes[i]> + c is > 0, 0 if < 0, a coin
+    flip if == 0. Returns the number of right-side items.
+
+    The build reads the rows as per-dimension uint8 codes (see ``build_tree``): a quarter of the
+    memory traffic of float32 in the passes that stream the whole data set.
     """
     n_right = 0
+    n_zero = 0
     for i in range(s, e):
-        m = _dot(plane, vecs[perm[i]]) + offset
-        if m > 0:
-            b = 1
-        elif m < 0:
-            b = 0
-        else:
-            b = _rand_bit(state)
+        m = _dot_u8(w, codes[perm[i]]) + c
+        b = np.int8(1) if m > 0 else np.int8(0)  # branch-free: the side is a coin flip to the CPU
         side[i - s] = b
         n_right += b
+        n_zero += 1 if m == 0 else 0
+    if n_zero > 0:
+        # exact ties (duplicates on the plane): split them at random
+        for i in range(s, e):
+            if _dot_u8(w, codes[perm[i]]) + c == 0:
+                b = np.int8(_rand_bit(state))
+                side[i - s] = b
+                n_right += b
     return n_right
 
 
 @njit(cache=True, nogil=True)
-def build_tree(vecs, metric, leaf_size, seed, n_iter):
+def build_tree(vecs, codes, code_scale, code_min, metric, leaf_size, seed, n_iter):
     """Build one tree over all rows of ``vecs`` (n, dv) float32.
 
-    Returns ``(perm, planes, offsets, children, leaf_starts, root)`` in tree-local numbering:
-    perm (n,) int32 item ids tiled by the leaves; planes (S, dv) float32; offsets (S,) float32;
+    ``codes`` (n, dv) uint8 with ``code_scale``/``code_min`` (dv,) float32 approximate the rows as
+    ``code * scale + min``; they decide which side of a split an item goes to (only the tree shape
+    depends on them; queries always use ``vecs``). Two-means uses the float rows.
+
+    Returns ``(perm, planes, coefs, children, leaf_starts, root)`` in tree-local numbering:
+    perm (n,) int32 item ids tiled by the leaves; planes (S, dv) int8; coefs (S, 2) float32;
     children (S, 2) int32 child codes; leaf_starts (L + 1,) int64 positions into perm; root int.
     Deterministic for a given seed (uint64).
     """
@@ -227,8 +251,8 @@ def build_tree(vecs, metric, leaf_size, seed, n_iter):
     tmp = np.empty(n, np.int32)
     side = np.empty(n, np.int8)
     cap = 2 * (n // max(leaf_size, 1)) + 16
-    planes = np.empty((cap, dv), np.float32)
-    offsets = np.empty(cap, np.float32)
+    planes = np.empty((cap, dv), np.int8)
+    coefs = np.empty((cap, 2), np.float32)
     children = np.empty((cap, 2), np.int32)
     leaf_starts = np.empty(cap + 1, np.int64)
     n_split = 0
@@ -237,6 +261,8 @@ def build_tree(vecs, metric, leaf_size, seed, n_iter):
     p = np.empty(dv, np.float32)
     q = np.empty(dv, np.float32)
     plane = np.empty(dv, np.float32)
+    qplane = np.empty(dv, np.int8)
+    w = np.empty(dv, np.float32)
     mid_pt = np.empty(dv, np.float32)
     # explicit DFS stack of (start, end, parent split node or -1, side); the left child is pushed
     # last so it is popped first, which makes the leaves appear in position order.
@@ -266,27 +292,41 @@ def build_tree(vecs, metric, leaf_size, seed, n_iter):
         else:
             ok = False
             offset = np.float32(0.0)
+            scale = np.float32(0.0)
             n_right = 0
             for _attempt in range(SPLIT_ATTEMPTS):
-                _two_means(vecs, perm, s, e, metric, n_iter, state, p, q)
+                _two_means(vecs, perm, s, e, metric, min(n_iter, size), state, p, q)
                 for t in range(dv):
                     plane[t] = p[t] - q[t]
                 if _normalize_inplace(plane) <= 0:
                     continue
+                amax = np.float32(0.0)
+                for t in range(dv):
+                    amax = max(amax, abs(plane[t]))
+                scale = amax / np.float32(127.0)
+                for t in range(dv):
+                    qplane[t] = np.int8(np.round(plane[t] / scale))
                 if angular:
                     offset = np.float32(0.0)
                 else:
                     for t in range(dv):
                         mid_pt[t] = 0.5 * (p[t] + q[t])
-                    offset = -_dot(plane, mid_pt)
-                n_right = _assign_sides(vecs, perm, s, e, plane, offset, side, state)
+                    offset = -scale * _dot_i8(qplane, mid_pt)
+                # margin of the decoded row: sum_t scale*qplane[t]*(code[t]*code_scale[t] + code_min[t])
+                c0 = offset
+                for t in range(dv):
+                    pt = scale * np.float32(qplane[t])
+                    w[t] = pt * code_scale[t]
+                    c0 += pt * code_min[t]
+                n_right = _assign_sides(codes, perm, s, e, w, c0, side, state)
                 if max(n_right, size - n_right) <= MAX_SIDE_FRACTION * size:
                     ok = True
                     break
             if not ok:
                 # random split: a zero plane gives every query margin 0, so both halves are
                 # visited with the same priority
-                plane[:] = 0.0
+                qplane[:] = 0
+                scale = np.float32(0.0)
                 offset = np.float32(0.0)
                 n_right = 0
                 for i in range(size):
@@ -300,29 +340,30 @@ def build_tree(vecs, metric, leaf_size, seed, n_iter):
             nl = 0
             nr = 0
             for i in range(s, e):
-                if side[i - s] == 0:
-                    perm[s + nl] = perm[i]
-                    nl += 1
-                else:
-                    tmp[nr] = perm[i]
-                    nr += 1
+                item = perm[i]
+                b = side[i - s]
+                perm[s + nl] = item  # branch-free: write both places, advance one
+                tmp[nr] = item
+                nl += 1 - b
+                nr += b
             for i in range(nr):
                 perm[s + nl + i] = tmp[i]
             if n_split >= planes.shape[0]:
                 new_cap = 2 * planes.shape[0]
-                g_planes = np.empty((new_cap, dv), np.float32)
+                g_planes = np.empty((new_cap, dv), np.int8)
                 g_planes[:n_split] = planes[:n_split]
                 planes = g_planes
-                g_off = np.empty(new_cap, np.float32)
-                g_off[:n_split] = offsets[:n_split]
-                offsets = g_off
+                g_coefs = np.empty((new_cap, 2), np.float32)
+                g_coefs[:n_split] = coefs[:n_split]
+                coefs = g_coefs
                 g_ch = np.empty((new_cap, 2), np.int32)
                 g_ch[:n_split] = children[:n_split]
                 children = g_ch
             node = n_split
             n_split += 1
-            planes[node] = plane
-            offsets[node] = offset
+            planes[node] = qplane
+            coefs[node, 0] = scale
+            coefs[node, 1] = offset
             children[node, 0] = 0
             children[node, 1] = 0
             code = node
@@ -348,7 +389,7 @@ def build_tree(vecs, metric, leaf_size, seed, n_iter):
     return (
         perm,
         planes[:n_split].copy(),
-        offsets[:n_split].copy(),
+        coefs[:n_split].copy(),
         children[:n_split].copy(),
         leaf_starts[: n_leaf + 1].copy(),
         root,
@@ -470,9 +511,16 @@ def prefetch_row(typingctx, arr, row, col):
 
 
 @njit(cache=True, nogil=True)
-def _rank_candidates(qbuf, vectors, metric, k, cand, a, b, kd, ki, found, bound):
-    """Rank cand[a:b] (item ids) into the top-k heap (kd, ki); returns (found, bound)."""
+def _rank_candidates(qbuf, vectors, metric, k, cand, a, b, n_cand, kd, ki, found, bound, n_lines, ahead):
+    """Rank cand[a:b] (item ids) into the top-k heap (kd, ki); returns (found, bound).
+
+    While ranking cand[c], the first n_lines cache lines of cand[c + ahead] are prefetched.
+    """
     for c in range(a, b):
+        if c + ahead < n_cand:
+            nxt = cand[c + ahead]
+            for line in range(n_lines):
+                prefetch_row(vectors, nxt, line * 16)
         item = cand[c]
         x = vectors[item]
         if metric == EUCLIDEAN:
@@ -491,7 +539,7 @@ def _rank_candidates(qbuf, vectors, metric, k, cand, a, b, kd, ki, found, bound)
 
 @njit(cache=True, nogil=True)
 def _search_one(
-    qraw, vectors, planes, offsets, children, roots, leaf_offsets, leaf_items,
+    qraw, vectors, planes, coefs, children, roots, leaf_offsets, leaf_items,
     metric, k, search_k, visited, qbuf, kd, ki, out_ids, out_dists,
 ):
     """Answer one query into out_ids (k,) int64 and out_dists (k,) float32; returns the count found.
@@ -533,7 +581,8 @@ def _search_one(
     ranked = 0
     row_bytes = dv * 4
     n_lines = min((row_bytes + 63) // 64, 8)
-    p_lines = min((row_bytes + 63) // 64, 4)
+    ahead = max(4, 64 // n_lines)  # candidates prefetched ahead: about 64 lines in flight
+    p_lines = min((dv + 63) // 64, 4)
     seen = 0
     found = 0
     bound = inf
@@ -545,7 +594,7 @@ def _search_one(
         if c >= 0:
             if c >= n_splits:
                 continue  # corrupt child code: skip rather than read out of bounds
-            m = _dot(planes[c], qbuf) + offsets[c]
+            m = coefs[c, 0] * _dot_i8(planes[c], qbuf) + coefs[c, 1]
             pr = p if p < m else m
             pl = p if p < -m else -m
             c1 = children[c, 1]
@@ -554,7 +603,7 @@ def _search_one(
             cn = c1 if m > 0 else c0
             if cn >= 0 and cn < n_splits:
                 for line in range(p_lines):
-                    prefetch_row(planes, cn, line * 16)
+                    prefetch_row(planes, cn, line * 64)
             pri, node = _heap_push(pri, node, hsize, pr, c1)
             hsize += 1
             pri, node = _heap_push(pri, node, hsize, pl, c0)
@@ -578,11 +627,14 @@ def _search_one(
                 visited[item] = 1
                 cand[n_cand] = item
                 n_cand += 1
+            for c in range(before, min(n_cand, before + ahead)):
                 for line in range(n_lines):
-                    prefetch_row(vectors, item, line * 16)
-            found, bound = _rank_candidates(qbuf, vectors, metric, k, cand, ranked, before, kd, ki, found, bound)
+                    prefetch_row(vectors, cand[c], line * 16)
+            found, bound = _rank_candidates(qbuf, vectors, metric, k, cand, ranked, before, n_cand, kd, ki,
+                                            found, bound, n_lines, ahead)
             ranked = before
-    found, bound = _rank_candidates(qbuf, vectors, metric, k, cand, ranked, n_cand, kd, ki, found, bound)
+    found, bound = _rank_candidates(qbuf, vectors, metric, k, cand, ranked, n_cand, n_cand, kd, ki,
+                                    found, bound, n_lines, ahead)
     for c in range(n_cand):
         visited[cand[c]] = 0
     # sort the k best by (distance, id): pop the max-heap from the back
@@ -621,7 +673,7 @@ def _search_one(
 
 
 @njit(cache=True, nogil=True)
-def query_one(qraw, vectors, planes, offsets, children, roots, leaf_offsets, leaf_items,
+def query_one(qraw, vectors, planes, coefs, children, roots, leaf_offsets, leaf_items,
               metric, k, search_k, visited):
     """One query; returns (ids (found,) int64, dists (found,) float32), nearest first.
 
@@ -633,13 +685,13 @@ def query_one(qraw, vectors, planes, offsets, children, roots, leaf_offsets, lea
     ki = np.empty(k, np.int64)
     out_ids = np.empty(k, np.int64)
     out_dists = np.empty(k, np.float32)
-    found = _search_one(qraw, vectors, planes, offsets, children, roots, leaf_offsets, leaf_items,
+    found = _search_one(qraw, vectors, planes, coefs, children, roots, leaf_offsets, leaf_items,
                         metric, k, search_k, visited, qbuf, kd, ki, out_ids, out_dists)
     return out_ids[:found], out_dists[:found]
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def query_batch(queries, vectors, planes, offsets, children, roots, leaf_offsets, leaf_items,
+def query_batch(queries, vectors, planes, coefs, children, roots, leaf_offsets, leaf_items,
                 metric, k, search_k, n_workers):
     """Many queries (nq, d) float32 on ``n_workers`` threads (query i goes to worker i % n_workers).
 
@@ -659,7 +711,7 @@ def query_batch(queries, vectors, planes, offsets, children, roots, leaf_offsets
         out_ids = np.empty(k, np.int64)
         out_dists = np.empty(k, np.float32)
         for i in range(w, nq, n_workers):
-            f = _search_one(queries[i], vectors, planes, offsets, children, roots, leaf_offsets,
+            f = _search_one(queries[i], vectors, planes, coefs, children, roots, leaf_offsets,
                             leaf_items, metric, k, search_k, visited, qbuf, kd, ki, out_ids, out_dists)
             found[i] = f
             for j in range(f):

@@ -43,8 +43,8 @@ HEADER_FILE = "header.json"
 # (name, dtype) of every array file, in the order the kernels take them.
 _ARRAYS = (
     ("vectors", "<f4"),
-    ("planes", "<f4"),
-    ("offsets", "<f4"),
+    ("planes", "|i1"),
+    ("plane_coefs", "<f4"),
     ("children", "<i4"),
     ("roots", "<i4"),
     ("leaf_offsets", "<i8"),
@@ -53,12 +53,14 @@ _ARRAYS = (
 
 
 def default_leaf_size(dim: int) -> int:
-    """The leaf size used when ``leaf_size=None``; chosen by measurement (benchmarks/RESULTS.md).
+    """The leaf size used when ``leaf_size=None``: ``max(96, dim // 4)``, chosen by measurement.
 
-    Small dimensions favour small leaves (a split costs as much as one candidate distance);
-    large dimensions need larger leaves so the split planes do not outweigh the vectors on disk.
+    A leaf sweep at 10 trees (benchmarks/RESULTS.md) found single-thread QPS at recall 0.90-0.95
+    flat within noise for leaves of 96-384 items on GloVe-50 and 96-192 on MNIST-784, and clearly
+    worse below 48; larger leaves for large ``dim`` keep the split planes from outweighing Annoy's
+    index on disk.
     """
-    return int(min(max(48, dim // 2), 1024))
+    return int(max(96, dim // 4))
 
 
 def _all_cores() -> int:
@@ -90,6 +92,22 @@ def _prepare_vectors(vectors: np.ndarray, metric: str) -> np.ndarray:
         extra = np.sqrt(np.maximum(sq.max() - sq, 0.0)).astype(np.float32)
         return np.ascontiguousarray(np.concatenate([x, extra[:, None]], axis=1))
     return x
+
+
+def _byte_codes(data: np.ndarray, block: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-dimension uint8 codes of the rows: data ~ codes * scale + min.
+
+    data (n, dv) float32 -> codes (n, dv) uint8, scale (dv,) float32, min (dv,) float32. The build
+    streams these instead of the float rows when it sorts items to the sides of a split.
+    """
+    lo = data.min(axis=0)
+    span = data.max(axis=0) - lo
+    scale = np.where(span > 0, span / 255.0, 1.0).astype(np.float32)
+    codes = np.empty(data.shape, np.uint8)
+    for r0 in range(0, data.shape[0], block):
+        part = (data[r0 : r0 + block] - lo) / scale
+        codes[r0 : r0 + block] = np.clip(np.rint(part), 0, 255)
+    return codes, scale, lo.astype(np.float32)
 
 
 class Forest:
@@ -166,9 +184,11 @@ class Forest:
         code = _k.METRIC_CODES[metric]
         tree_seeds = np.random.SeedSequence(int(seed)).generate_state(int(n_trees), dtype=np.uint64)
         t0 = time.perf_counter()
+        codes, code_scale, code_min = _byte_codes(data)
 
         def one(t):
-            return _k.build_tree(data, code, int(leaf_size), tree_seeds[t], _k.TWO_MEANS_ITERATIONS)
+            return _k.build_tree(data, codes, code_scale, code_min, code, int(leaf_size), tree_seeds[t],
+                                 _k.TWO_MEANS_ITERATIONS)
 
         if threads == 1:
             trees = [one(t) for t in range(n_trees)]
@@ -198,8 +218,8 @@ class Forest:
         dv = data.shape[1]
         arrays = {
             "vectors": data,
-            "planes": np.concatenate([t[1] for t in trees]) if n_split.sum() else np.zeros((0, dv), np.float32),
-            "offsets": np.concatenate([t[2] for t in trees]).astype(np.float32),
+            "planes": np.concatenate([t[1] for t in trees]).astype(np.int8).reshape(-1, dv),
+            "plane_coefs": np.concatenate([t[2] for t in trees]).astype(np.float32).reshape(-1, 2),
             "children": np.concatenate(
                 [relabel(tr[3], t).reshape(-1, 2) for t, tr in enumerate(trees)]
             ).astype(np.int32).reshape(-1, 2),
@@ -408,7 +428,7 @@ def _check_structure(root: Path, header: dict, arrays: dict) -> None:
     s = arrays["planes"].shape[0]
     n_leaves = arrays["leaf_offsets"].shape[0] - 1
     expected = {
-        "vectors": (n, dv), "planes": (s, dv), "offsets": (s,), "children": (s, 2), "roots": (t,),
+        "vectors": (n, dv), "planes": (s, dv), "plane_coefs": (s, 2), "children": (s, 2), "roots": (t,),
         "leaf_items": (t * n,),
     }
     for name, shape in expected.items():
