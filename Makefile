@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SHARED_DATA := $(abspath ../shared/data)
-# Here (no internet) the demo reads the official MNIST files from ../shared/data; elsewhere the
-# configs' public mirrors are used. An explicit GROVE_MIRROR always wins.
+# The demo builds and evaluates GloVe 6B 50d (400k words, shipped by a PyPI package: no network
+# needed), prints a phrase query, then does the same for MNIST. MNIST comes from its public mirrors,
+# or here (no internet) from ../shared/data when it is beside the checkout; GROVE_MIRROR wins.
 DEMO_MIRROR := $(or $(GROVE_MIRROR),$(if $(wildcard $(SHARED_DATA)/mnist),file://$(SHARED_DATA),))
 
 .PHONY: demo test bench clean venv
@@ -15,8 +16,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The cnn extra brings torch and torchvision (PyPI; torch>=2.14 with torchvision>=0.29).
 $(VENV)/.installed: $(BIN)/python setup.cfg setup.py
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,cnn]'
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed
@@ -26,7 +28,10 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
+	$(BIN)/grove run glove
+	$(BIN)/grove query glove "chinese river"
 	GROVE_MIRROR=$(DEMO_MIRROR) $(BIN)/grove run mnist
+	$(BIN)/grove query mnist test/0
 
 # pytest exits 5 when it collected no tests; that is a failure here too.
 test: $(VENV)/.installed
