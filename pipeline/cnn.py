@@ -59,6 +59,7 @@ CHECKPOINT_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
 MODEL_JSON = "model.json"
 AUGMENTS = ("auto", "photos", "digits", "none")
+_RECALIBRATION_LIMIT = 16384  # examples; enough for stable statistics, a fraction of an epoch
 _CHECKPOINT_RE = re.compile(r"^epoch-(\d{4,})\.pt$")
 
 
@@ -311,20 +312,24 @@ def train(
                 }, keep_checkpoints)
             if progress is not None:
                 progress((epoch + 1) / epochs, message)
-        _recalibrate_batchnorm(model, x, spec, batch_size)
+        _recalibrate_batchnorm(model, x, spec, batch_size, seed)
     model.eval()
     return TrainResult(model=model, spec=spec, history=history, resumed_from=start)
 
 
 @torch.no_grad()
-def _recalibrate_batchnorm(model: GroveNet, x: torch.Tensor, spec: ModelSpec, batch_size: int) -> None:
-    """Set every BatchNorm's running mean/variance to the exact average over the (unaugmented,
-    center-cropped) training inputs under the final weights.
+def _recalibrate_batchnorm(
+    model: GroveNet, x: torch.Tensor, spec: ModelSpec, batch_size: int, seed: int, limit: int = _RECALIBRATION_LIMIT
+) -> None:
+    """Set every BatchNorm's running mean/variance to the average over (at most ``limit``, in a
+    seeded random order) unaugmented, center-cropped training inputs under the final weights.
 
     The running averages kept during training (momentum 0.1) lag the weights and, after a few
     hundred batches or fewer, can be far from the statistics the trained layers produce, which ruins
-    eval-mode predictions and embeddings. Deterministic: a function of the final weights and data.
+    eval-mode predictions and embeddings. The order is shuffled because a batch of one class (data
+    sorted by label) would skew the batch statistics the deeper layers see. Deterministic.
     """
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:limit]
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -332,8 +337,8 @@ def _recalibrate_batchnorm(model: GroveNet, x: torch.Tensor, spec: ModelSpec, ba
         m.momentum = None  # cumulative average over all batches
     model.train()
     try:
-        for start in range(0, x.shape[0], batch_size):
-            xb = x[start : start + batch_size]
+        for start in range(0, order.shape[0], batch_size):
+            xb = x[order[start : start + batch_size]]
             if xb.shape[0] < 2:
                 continue
             if not spec.frozen_backbone:
