@@ -56,6 +56,13 @@ _SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "search_k": (("list", int), [100, 1000, 10000]),
         "n_queries": (int, 1000),
     },
+    # An evaluated index is promoted to serving only if it meets these (0 = no requirement).
+    "gate": {
+        "min_recall": (float, 0.0),
+        "min_qps": (float, 0.0),
+        "n_trees": (int, 0),  # which index the gate judges (0 = the one with most trees)
+        "search_k": (int, 0),  # at which search_k (0 = the largest evaluated)
+    },
 }
 
 # [decode] depends on the dataset's kind; values naming sources are checked against [sources].
@@ -207,6 +214,11 @@ def validate(raw: dict, path: Path) -> dict:
         raise ConfigError(f"{path}: forest.n_trees must list at least one positive number")
     if not cfg["evaluate"]["search_k"]:
         raise ConfigError(f"{path}: evaluate.search_k must list at least one value")
+    gate = cfg["gate"]
+    if gate["n_trees"] and gate["n_trees"] not in cfg["forest"]["n_trees"]:
+        raise ConfigError(f"{path}: gate.n_trees = {gate['n_trees']} is not one of forest.n_trees")
+    if gate["search_k"] and gate["search_k"] not in cfg["evaluate"]["search_k"]:
+        raise ConfigError(f"{path}: gate.search_k = {gate['search_k']} is not one of evaluate.search_k")
     cfg["_path"] = str(path)
     return cfg
 

@@ -2,6 +2,7 @@
 
 from .base import ArtifactTarget, GroveTask, grove
 from .chain import Chain, Decode, Embed, Evaluate, Exact, Fetch, Forest, Split
+from .rebuild import DatedRecord, QualityGateError, Rebuild
 
-__all__ = ["ArtifactTarget", "Chain", "Decode", "Embed", "Evaluate", "Exact", "Fetch", "Forest", "GroveTask",
-           "Split", "grove"]
+__all__ = ["ArtifactTarget", "Chain", "DatedRecord", "Decode", "Embed", "Evaluate", "Exact", "Fetch", "Forest",
+           "GroveTask", "QualityGateError", "Rebuild", "Split", "grove"]

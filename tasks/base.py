@@ -18,13 +18,16 @@ log = logging.getLogger("luigi-interface")
 class grove(luigi.Config):
     """The ``[grove]`` section of luigi.cfg. Operational only: none of it changes an artifact's bytes.
 
-    Environment variables win over luigi.cfg: GROVE_ARTIFACTS, GROVE_MIRROR, GROVE_CONFIGS, GROVE_THREADS.
+    Environment variables win over luigi.cfg: GROVE_ARTIFACTS, GROVE_MIRROR, GROVE_CONFIGS, GROVE_THREADS,
+    GROVE_REBUILD_DATASETS.
     """
 
     artifacts = luigi.Parameter(default="", significant=False, description="artifact root (default ./artifacts)")
     mirror = luigi.Parameter(default="", significant=False, description="URL prefix tried before the configs' URLs")
     configs = luigi.Parameter(default="", significant=False, description="directory of extra dataset configs")
     threads = luigi.IntParameter(default=0, significant=False, description="threads for builds (0 = all cores)")
+    rebuild_datasets = luigi.Parameter(default="mnist,glove", significant=False,
+                                       description="comma-separated datasets that Rebuild covers")
 
     def artifact_root(self) -> Path:
         return Path(os.environ.get("GROVE_ARTIFACTS") or self.artifacts or "artifacts")
@@ -34,6 +37,10 @@ class grove(luigi.Config):
 
     def config_dir(self) -> str | None:
         return self.configs or None
+
+    def rebuild_list(self) -> list[str]:
+        names = os.environ.get("GROVE_REBUILD_DATASETS") or self.rebuild_datasets
+        return [n.strip() for n in names.split(",") if n.strip()]
 
     def thread_count(self) -> int:
         n = int(os.environ.get("GROVE_THREADS") or self.threads or 0)

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a task failed; 2 bad usage or a bad config (nothing was run);
 3 a damaged or missing artifact; 4 the scheduler could not schedule the tasks; 5 tasks were not run
-(for example another process holds them); 6 an external dependency is missing.
+(for example another process holds them); 6 an external dependency is missing; 7 ``grove rebuild``:
+an index failed its quality gate (the previous version keeps serving).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pipeline import artifacts
 from pipeline.config import available_datasets, load_config
 from pipeline.errors import ArtifactError, ConfigError, GroveError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ARTIFACT, EXIT_SCHEDULING, EXIT_NOT_RUN, EXIT_MISSING = 0, 1, 2, 3, 4, 5, 6
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ARTIFACT, EXIT_SCHEDULING, EXIT_NOT_RUN, EXIT_MISSING, EXIT_GATE = range(8)
 STAGES = ("fetch", "decode", "embed", "split", "exact", "forest", "evaluate")
 
 
@@ -27,9 +28,6 @@ def _settings():
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import luigi
-    from luigi.execution_summary import LuigiStatusCode
-
     from pipeline.stages import format_results
 
     from .chain import Chain, Evaluate
@@ -37,18 +35,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings()
     for dataset in args.datasets:  # every config is checked before any work starts
         load_config(dataset, settings.config_dir())
-    kwargs = {"workers": args.workers, "detailed_summary": True}
-    if args.scheduler_host:
-        kwargs.update(scheduler_host=args.scheduler_host, scheduler_port=args.scheduler_port)
-    else:
-        kwargs["local_scheduler"] = True
-    result = luigi.build([Chain(dataset=d) for d in args.datasets], **kwargs)
-    print(result.summary_text)
+    code = _build([Chain(dataset=d) for d in args.datasets], args)
     for dataset in args.datasets:
         target = Evaluate(dataset=dataset).output()
         if target.exists():
             summary = json.loads((target.path / "results.json").read_text())
             print(f"\n{dataset}: {target.ref.key}\n{format_results(summary['rows'], summary['k'])}")
+    return code
+
+
+def _build(tasks: list, args: argparse.Namespace) -> int:
+    """luigi.build with the command's scheduler options; prints Luigi's summary; returns our exit code."""
+    import luigi
+    from luigi.execution_summary import LuigiStatusCode
+
+    kwargs = {"workers": args.workers, "detailed_summary": True}
+    if args.scheduler_host:
+        kwargs.update(scheduler_host=args.scheduler_host, scheduler_port=args.scheduler_port)
+    else:
+        kwargs["local_scheduler"] = True
+    result = luigi.build(tasks, **kwargs)
+    print(result.summary_text)
     codes = {
         LuigiStatusCode.SUCCESS: EXIT_OK,
         LuigiStatusCode.SUCCESS_WITH_RETRY: EXIT_OK,
@@ -61,18 +68,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return codes.get(result.status, EXIT_FAILED)
 
 
+def _query_paths(dataset: str) -> tuple[Path, Path, str]:
+    """(split dir, forest dir, where they come from): the serving version, else the current config's."""
+    from pipeline import lifecycle
+
+    from .chain import Evaluate, Forest as ForestTask
+
+    root = _settings().artifact_root()
+    if lifecycle.serving_version(root, dataset):
+        paths = lifecycle.serving_paths(root, dataset)
+        return paths["split"], paths["forest"], f"serving {paths['evaluate'].name}"
+    parents = Evaluate(dataset=dataset).parent_tasks()
+    forest_task = max((t for t in parents.values() if isinstance(t, ForestTask)), key=lambda t: t.n_trees)
+    return parents["split"].output().ref.path, forest_task.output().ref.path, "current config (nothing serving)"
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from pipeline import query
     from pipeline.forest import Forest
 
-    from .chain import Evaluate, Forest as ForestTask
-
     settings = _settings()
     cfg = load_config(args.dataset, settings.config_dir())
-    parents = Evaluate(dataset=args.dataset).parent_tasks()
-    forest_task = max((t for t in parents.values() if isinstance(t, ForestTask)), key=lambda t: t.n_trees)
-    split_dir = parents["split"].output().ref.path
-    index_dir = forest_task.output().ref.path
+    split_dir, index_dir, origin = _query_paths(args.dataset)
     for path in (split_dir, index_dir):
         artifacts.read_manifest(path)  # missing or damaged: a clear error, exit 3
     base, queries = query.open_split(split_dir)
@@ -82,9 +99,64 @@ def cmd_query(args: argparse.Namespace) -> int:
         forest.query(vector, k=1)  # compile/warm once so the timing below is the query alone
     approx, truth = query.search(forest, base, vector, args.k, args.search_k, exclude, cfg["embed"]["metric"],
                                  exact=args.exact or not args.approx_only)
-    print(f"{args.dataset}: {args.text!r}  (index {forest_task.output().ref.key}, n_trees={forest_task.n_trees}, "
+    n_trees = forest.n_trees if forest is not None else "-"
+    print(f"{args.dataset}: {args.text!r}  (index {index_dir.name}, {origin}, n_trees={n_trees}, "
           f"search_k={args.search_k or 'default'})")
     print(query.format_answers(approx, truth))
+    return EXIT_OK
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    import datetime
+    import logging
+
+    from .rebuild import Rebuild
+
+    settings = _settings()
+    for dataset in settings.rebuild_list():
+        load_config(dataset, settings.config_dir())
+    if args.log:
+        Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(args.log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.INFO)
+    date = datetime.date.fromisoformat(args.date) if args.date else datetime.date.today()
+    code = _build([Rebuild(date=date)], args)
+    rejected = [d for d in settings.rebuild_list()
+                if (settings.artifact_root() / d / "records" / f"{date.isoformat()}.rejected.json").is_file()]
+    if code == EXIT_FAILED and rejected:
+        print(f"quality gate rejected: {', '.join(rejected)} (see records/{date.isoformat()}.rejected.json)",
+              file=sys.stderr)
+        return EXIT_GATE
+    return code
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from pipeline import lifecycle
+
+    lifecycle.promote(_settings().artifact_root(), args.dataset, args.version, reason="grove promote")
+    print(f"{args.dataset}: serving evaluate/{args.version}")
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from pipeline import lifecycle
+
+    version = lifecycle.rollback(_settings().artifact_root(), args.dataset)
+    print(f"{args.dataset}: serving evaluate/{version}")
+    return EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from pipeline import lifecycle
+
+    root = _settings().artifact_root()
+    doomed = lifecycle.gc(root, args.keep, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for path in doomed:
+        print(f"{verb} {path.relative_to(root)}")
+    print(f"{verb} {len(doomed)} version(s)")
     return EXIT_OK
 
 
@@ -97,14 +169,18 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
+    from pipeline import lifecycle
+
     root = _settings().artifact_root()
+    serving = lifecycle.serving_version(root, args.dataset)
     for stage in [args.stage] if args.stage else STAGES:
         for m in artifacts.list_versions(root, args.dataset, stage):
             size = sum(f["bytes"] for f in m.get("files", {}).values())
-            flag = "latest" if m["latest"] else ""
+            flag = ",".join(f for f, on in (("latest", m["latest"]),
+                                            ("serving", stage == "evaluate" and m["version"] == serving)) if on)
             metrics = m.get("metrics", {})
             shown = " ".join(f"{k}={v}" for k, v in sorted(metrics.items()))
-            print(f"{stage:<9} {m['version']:<22} {m['created_utc']:<26} {size / 1e6:>9.1f} MB {flag:<6} {shown}")
+            print(f"{stage:<9} {m['version']:<22} {m['created_utc']:<26} {size / 1e6:>9.1f} MB {flag:<14} {shown}")
     return EXIT_OK
 
 
@@ -115,6 +191,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     manifest = artifacts.read_manifest(path, verify="sha256" if args.verify else "size")
     print(json.dumps(manifest, indent=2, sort_keys=True))
     return EXIT_OK
+
+
+def _scheduler_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=1, help="Luigi workers (default 1)")
+    p.add_argument("--scheduler-host", default=None, help="use the luigid at this host (default: local scheduler)")
+    p.add_argument("--scheduler-port", type=int, default=8082, help="luigid port (default 8082)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,9 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the whole chain of one or more datasets")
     p.add_argument("datasets", nargs="+", metavar="DATASET", help="dataset names (configs/<name>.toml)")
-    p.add_argument("--workers", type=int, default=1, help="Luigi workers (default 1)")
-    p.add_argument("--scheduler-host", default=None, help="use the luigid at this host (default: local scheduler)")
-    p.add_argument("--scheduler-port", type=int, default=8082, help="luigid port (default 8082)")
+    _scheduler_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("query", help="nearest neighbours of a word, a phrase or an item, approximate and exact")
@@ -142,6 +222,26 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--exact", action="store_true", help="exact search only")
     mode.add_argument("--approx-only", action="store_true", help="the index only, no exact search beside it")
     p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("rebuild", help="the dated rebuild cron runs: every rebuild dataset, gated and promoted")
+    p.add_argument("--date", default=None, help="YYYY-MM-DD (default today)")
+    p.add_argument("--log", default=None, help="also append the log to this file")
+    _scheduler_options(p)
+    p.set_defaults(func=cmd_rebuild)
+
+    p = sub.add_parser("promote", help="make an evaluated version serve a dataset (atomic pointer swap)")
+    p.add_argument("dataset")
+    p.add_argument("version", help="an evaluate version, v1-... (see grove versions DATASET evaluate)")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="serve the version that served before the current one")
+    p.add_argument("dataset")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("gc", help="delete old versions, keeping the newest N per stage and all that serves")
+    p.add_argument("--keep", type=int, default=3, help="versions to keep per stage (default 3)")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("datasets", help="list the configured datasets")
     p.set_defaults(func=cmd_datasets)
