@@ -510,8 +510,24 @@ def prefetch_row(typingctx, arr, row, col):
     return sig, codegen
 
 
+@njit(cache=True, nogil=True, fastmath=True)
+def _angular_sq(q, x, q_zero):
+    """Squared angular distance 2 - 2cos of unit (or all-zero) rows, as ||q - x||^2 so that
+    identical rows give exactly 0; 2 when either row is all-zero (cosine 0 by definition)."""
+    s = np.float32(0.0)
+    xx = np.float32(0.0)
+    for j in range(q.shape[0]):
+        t = q[j] - x[j]
+        s += t * t
+        xx += x[j] * x[j]
+    if q_zero or xx < 0.5:
+        return np.float32(2.0)
+    return s
+
+
 @njit(cache=True, nogil=True)
-def _rank_candidates(qbuf, vectors, metric, k, cand, a, b, n_cand, kd, ki, found, bound, n_lines, ahead):
+def _rank_candidates(qbuf, vectors, metric, k, cand, a, b, n_cand, kd, ki, found, bound, n_lines, ahead,
+                     q_zero):
     """Rank cand[a:b] (item ids) into the top-k heap (kd, ki); returns (found, bound).
 
     While ranking cand[c], the first n_lines cache lines of cand[c + ahead] are prefetched.
@@ -527,6 +543,8 @@ def _rank_candidates(qbuf, vectors, metric, k, cand, a, b, n_cand, kd, ki, found
             dist = _sqdist_bounded(qbuf, x, bound)
         elif metric == MANHATTAN:
             dist = _l1dist_bounded(qbuf, x, bound)
+        elif metric == ANGULAR:
+            dist = _angular_sq(qbuf, x, q_zero)
         else:
             dist = -_dot(qbuf, x)
         if found == k and dist > bound:
@@ -558,8 +576,9 @@ def _search_one(
         qbuf[j] = qraw[j]
     for j in range(d_in, dv):
         qbuf[j] = 0.0
+    q_zero = False
     if metric == ANGULAR:
-        _normalize_inplace(qbuf)
+        q_zero = _normalize_inplace(qbuf) <= 0
     n_trees = roots.shape[0]
     cap = 64
     while cap < 4 * n_trees + 64:
@@ -631,10 +650,10 @@ def _search_one(
                 for line in range(n_lines):
                     prefetch_row(vectors, cand[c], line * 16)
             found, bound = _rank_candidates(qbuf, vectors, metric, k, cand, ranked, before, n_cand, kd, ki,
-                                            found, bound, n_lines, ahead)
+                                            found, bound, n_lines, ahead, q_zero)
             ranked = before
     found, bound = _rank_candidates(qbuf, vectors, metric, k, cand, ranked, n_cand, n_cand, kd, ki,
-                                    found, bound, n_lines, ahead)
+                                    found, bound, n_lines, ahead, q_zero)
     for c in range(n_cand):
         visited[cand[c]] = 0
     # sort the k best by (distance, id): pop the max-heap from the back
@@ -663,10 +682,8 @@ def _search_one(
             kd[i] = d
             ki[i] = it
         out_ids[size] = ilast
-        if metric == EUCLIDEAN:
+        if metric == EUCLIDEAN or metric == ANGULAR:
             out_dists[size] = np.sqrt(dlast)
-        elif metric == ANGULAR:
-            out_dists[size] = np.sqrt(max(np.float32(2.0) + np.float32(2.0) * dlast, np.float32(0.0)))
         else:
             out_dists[size] = dlast
     return found

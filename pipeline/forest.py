@@ -177,9 +177,14 @@ class Forest:
         if x.shape[0] >= 2**31 - 1:
             raise ConfigError(f"at most 2**31 - 2 items fit an index; got {x.shape[0]}")
         threads = _thread_count(n_threads, "Forest.build")
+        finite = np.isfinite(x).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise FormatError(
+                f"Forest.build: {len(bad)} vector rows contain NaN or infinity (first: row {bad[0]}); "
+                "clean or drop those rows first"
+            )
         data = _prepare_vectors(x, metric)
-        if not np.isfinite(data).all():
-            raise FormatError("Forest.build: the vectors contain NaN or infinity; clean or drop those rows first")
         n = data.shape[0]
         code = _k.METRIC_CODES[metric]
         tree_seeds = np.random.SeedSequence(int(seed)).generate_state(int(n_trees), dtype=np.uint64)
