@@ -193,7 +193,8 @@ def equivalent_dimension(ratio: float, curve: Sequence[tuple[int, float]]) -> fl
     log_d, log_r = _curve_arrays(curve)
     position = curve_position(ratio, curve)
     if position is not None:
-        clamp = float(np.exp(log_d[0] if position == "below_range" else log_d[-1]))
+        dims = sorted(float(d) for d, _ in curve)
+        clamp = dims[0] if position == "below_range" else dims[-1]
         log.warning("ratio %.4g lies outside the curve (%.4g..%.4g): equivalent dimension clamped to %g",
                     ratio, math.exp(log_r.min()), math.exp(log_r.max()), clamp)
         return clamp
