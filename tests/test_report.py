@@ -47,11 +47,11 @@ def test_contrast_ratio_of_hand_placed_points_ignores_exact_duplicates():
 
 
 def test_tiny_distances_in_one_dimension_are_exact():
-    # ||q||^2 + ||b||^2 - 2<q, b> in float32 would lose a 1e-3 gap next to norms of 1e3 entirely
-    gap = 2.0**-10  # exact in float32
-    base = np.array([[1000.0], [1000.0 + gap], [1002.0]], dtype=np.float32)
-    ratio = contrast_ratios(base, np.array([[1000.0]], dtype=np.float32))[0]
-    assert ratio == pytest.approx((2.0 - gap) / gap)
+    # 200 points 2^-10 apart next to norms of 1e3: ||q||^2 + ||b||^2 - 2<q, b> in float32 cannot even
+    # rank them (it gives a ratio of 1); exact in float32 input, so the true ratio is (200 - 1) / 1.
+    gap = 2.0**-10
+    base = (1000.0 + gap * np.arange(1, 201)).astype(np.float32)[:, None]
+    assert contrast_ratios(base, np.array([[1000.0]], dtype=np.float32))[0] == pytest.approx(199.0)
 
 
 def test_a_query_with_only_duplicates_is_skipped_not_infinite():
