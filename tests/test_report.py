@@ -281,3 +281,21 @@ def test_index_page_links_every_report_and_shows_versions(tmp_path, curve):
     for data in embedded_images(page):
         assert_decodes_as_png(data)
     assert page.count("<img") == 3  # a trend chart per evaluated dataset and the shared curse plot
+
+
+def _red_pixels(uri: str) -> int:
+    data = base64.b64decode(uri.split(",", 1)[1])
+    assert_decodes_as_png(data)
+    rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+    return int((np.abs(rgb - np.array([214, 39, 40])).max(axis=2) < 10).sum())
+
+
+def test_wrong_label_neighbours_are_framed_red():
+    from pipeline.report import NeighbourExamples, plot_neighbours
+
+    rng = np.random.default_rng(0)
+    ex = NeighbourExamples(rng.uniform(0, 255, (2, 8, 8)), rng.uniform(0, 255, (2, 10, 8, 8)),
+                           np.array([1, 2]), np.array([[1] * 9 + [3], [2] * 10]))
+    assert _red_pixels(plot_neighbours(ex)) > 100
+    ex.neighbour_labels[0, 9] = 1
+    assert _red_pixels(plot_neighbours(ex)) == 0
