@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 TEMPLATES = Path(__file__).with_name("templates")
 REPORT = "report.html"
 REPORT_JSON = "report.json"
-SERVING = "serving"  # a pointer beside ``latest`` in a stage directory naming the version in service
+SERVING = "serving"  # <root>/<dataset>/serving -> evaluate/<version>, as pipeline.lifecycle.promote sets it
 QPS_RECALL_TARGET = 0.9
 _BLOCK = re.compile(r"<!--BEGIN (\w+)-->\n?(.*?)<!--END \1-->\n?", re.S)
 
@@ -571,15 +571,26 @@ def write_evaluation_report(
 def scan_evaluations(root: str | os.PathLike) -> list[dict]:
     """What the index page shows, found under ``root``: one entry per dataset directory, by name.
 
-    Each: ``{"dataset", "stages": [{"stage", "latest", "serving"}], "evaluations": [...]}``, evaluations
-    oldest first, each ``{"version", "created_utc", "path", "report" (path or None), "k", "metric",
-    "n_queries", "best_recall", "qps_at_target", "build_seconds", "exact_qps", "curse" (dict or None)}``.
+    Each: ``{"dataset", "serving" (the serving evaluate version or None), "stages": [{"stage", "latest",
+    "serving" (the versions of that stage behind the serving evaluation, comma-separated, or None)}],
+    "evaluations": [...]}``, evaluations oldest first, each ``{"version", "created_utc", "path", "report"
+    (path or None), "serving" (bool), "k", "metric", "n_queries", "best_recall", "qps_at_target",
+    "build_seconds", "exact_qps", "curse" (dict or None)}``.
     """
     root = Path(root)
     out = []
-    for ds_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []:
-        stages = [{"stage": sd.name, "latest": read_pointer(sd, LATEST), "serving": read_pointer(sd, SERVING)}
-                  for sd in sorted(p for p in ds_dir.iterdir() if p.is_dir() and not p.name.startswith("."))]
+    datasets = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    for ds_dir in datasets:
+        target = read_pointer(ds_dir, SERVING)
+        serving = target.split("/", 1)[1] if target and "/" in target else None
+        behind: dict[str, list[str]] = {}
+        if serving and (ds_dir / "evaluate" / serving / MANIFEST).is_file():
+            for e in lineage_from_manifests(root, ds_dir / "evaluate" / serving):
+                if not e.get("missing"):
+                    behind.setdefault(e["stage"], []).append(e["version"])
+        stage_dirs = sorted(p for p in ds_dir.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
+        stages = [{"stage": sd.name, "latest": read_pointer(sd, LATEST),
+                   "serving": ", ".join(behind[sd.name]) if sd.name in behind else None} for sd in stage_dirs]
         if not stages:
             continue
         evaluations = []
@@ -595,12 +606,13 @@ def scan_evaluations(root: str | os.PathLike) -> list[dict]:
             extra = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
             evaluations.append({
                 "version": m["version"], "created_utc": m.get("created_utc", ""), "path": str(path),
-                "report": str(path / REPORT) if (path / REPORT).is_file() else None, "k": results.get("k", 10),
+                "report": str(path / REPORT) if (path / REPORT).is_file() else None,
+                "serving": m["version"] == serving, "k": results.get("k", 10),
                 "metric": results.get("metric"), "n_queries": results.get("n_queries"),
                 "best_recall": s["best_recall"], "qps_at_target": s["qps_at_target"],
                 "build_seconds": s["build_seconds"], "exact_qps": s["exact_qps"], "curse": extra.get("curse"),
             })
-        out.append({"dataset": ds_dir.name, "stages": stages, "evaluations": evaluations})
+        out.append({"dataset": ds_dir.name, "serving": serving, "stages": stages, "evaluations": evaluations})
     return out
 
 
@@ -632,7 +644,8 @@ def write_index_page(root: str | os.PathLike, out_path: str | os.PathLike,
         trend = (t["trend"].substitute(image=_trend_plot(evals, QPS_RECALL_TARGET), dataset=_esc(name),
                                        target=QPS_RECALL_TARGET)
                  if evals else '<p class="note">No evaluation yet.</p>')
-        ev_rows = [[(e["created_utc"] or "").replace("T", " ").replace("+00:00", " UTC"), e["version"],
+        ev_rows = [[(e["created_utc"] or "").replace("T", " ").replace("+00:00", " UTC"),
+                    e["version"] + (" (serving)" if e.get("serving") else ""),
                     e["best_recall"], e["qps_at_target"], e["build_seconds"],
                     _link(e["report"], base, "report")] for e in reversed(evals)]
         ev_table = _table(["date", "evaluation", "best recall@k", f"QPS at recall ≥ {QPS_RECALL_TARGET}",

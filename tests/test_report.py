@@ -264,8 +264,7 @@ def test_index_page_links_every_report_and_shows_versions(tmp_path, curve):
     second = make_run(root, "digits", (2, 4), scale=2.0)
     words = make_run(root, "words", (3,))
     reports = [build_evaluation_report(root, ev, curve=curve) for ev in (first, second)]
-    serving = sorted(p.name for p in (root / "digits" / "forest").glob("v1-*"))[0]
-    set_pointer(root / "digits" / "forest", "serving", serving)
+    set_pointer(root / "digits", "serving", f"evaluate/{first.name}")  # as lifecycle.promote does
     info = scan_evaluations(root)
     assert [d["dataset"] for d in info] == ["digits", "words"]
     assert len(info[0]["evaluations"]) == 2 and info[1]["evaluations"][0]["report"] is None
@@ -276,8 +275,11 @@ def test_index_page_links_every_report_and_shows_versions(tmp_path, curve):
     linked = {(out.parent / link).resolve() for link in links}
     assert {r.resolve() for r in reports} <= linked
     assert "no report yet" in page and words.name in page
-    assert {s["stage"]: s["serving"] for s in info[0]["stages"]}["forest"] == serving
-    assert f"<td>{serving}</td>" in page
+    assert info[0]["serving"] == first.name and [e["serving"] for e in info[0]["evaluations"]].count(True) == 1
+    serving = {s["stage"]: s["serving"] for s in info[0]["stages"]}
+    forest_2 = lineage_from_manifests(root, first)[2]
+    assert forest_2["stage"] == "forest" and serving["forest"] == forest_2["version"]  # only n_trees=2 serves
+    assert f"<td>{serving['forest']}</td>" in page and f"{first.name} (serving)" in page
     for data in embedded_images(page):
         assert_decodes_as_png(data)
     assert page.count("<img") == 3  # a trend chart per evaluated dataset and the shared curse plot
