@@ -155,12 +155,14 @@ def plot_curse(curve: Sequence[tuple[int, float]], datasets: Sequence[tuple[str,
     d, r = zip(*curve)
     ax.plot(d, r, marker="o", color="#1f4e9c", lw=2, label="standard normal data")
     colors = ["#d1495b", "#edae49", "#00798c", "#66a182", "#8d6cab", "#2e4057"]
+    # the highest line labelled above itself, the others below theirs, so neighbouring labels part
+    highest = max((r for _, r, _ in datasets), default=None)
     for i, (name, ratio, eq) in enumerate(datasets):
         c = colors[i % len(colors)]
         ax.axhline(ratio, color=c, ls="--", lw=1.6, label=f"{name}: ratio {ratio:.3g}")
         ax.plot([eq], [ratio], marker="o", ms=9, mfc="white", mec=c, mew=2, zorder=5)
         ax.annotate(f"{name}: ≈ {eq:.1f} dims", (eq, ratio), textcoords="offset points",
-                    xytext=(10, 8) if i % 2 == 0 else (10, -16),
+                    xytext=(10, 8) if ratio == highest else (10, -17),
                     fontsize=10, color=c, fontweight="bold")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
