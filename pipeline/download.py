@@ -372,14 +372,18 @@ def _fetch_http(url: str, part: Path, timeout: float, report: _Progress) -> bool
 def _copy(src: BinaryIO, out: BinaryIO, done: int, total: int | None, report: _Progress, what: str) -> None:
     """Stream ``src`` into ``out`` starting at byte ``done`` of ``total``; short reads are _Transient."""
     report(done, total, force=True)
+    # read1 returns what has arrived instead of waiting for a whole chunk, and each piece goes to
+    # disk at once: a process killed mid-transfer leaves a .part that holds everything received.
+    read = getattr(src, "read1", src.read)
     while True:
         try:
-            chunk = src.read(CHUNK_SIZE)
+            chunk = read(CHUNK_SIZE)
         except (http.client.HTTPException, OSError) as exc:
             raise _Transient(f"{what} after {done} of {total or '?'} bytes: {type(exc).__name__}: {exc}") from exc
         if not chunk:
             break
         out.write(chunk)
+        out.flush()
         done += len(chunk)
         report(done, total)
     if total is not None and done < total:

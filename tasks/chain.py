@@ -17,6 +17,7 @@ log = logging.getLogger("luigi-interface")
 
 class Fetch(GroveTask):
     stage = "fetch"
+    resources = {"downloads": 1}  # luigi.cfg [resources] caps concurrent downloads across workers
 
     def write(self, tmp: Path):
         cache = grove().artifact_root() / self.dataset / ".downloads"

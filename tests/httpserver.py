@@ -40,6 +40,10 @@ class LoopbackServer:
         self.cut: dict[str, int | list[int]] = {}
         self.status: dict[str, int | list[int]] = {}
         self.ignore_range = False
+        # path -> bytes after which the response hangs (a client stuck mid-download, to be killed)
+        self.stall: dict[str, int | list[int]] = {}
+        self.stalling = threading.Event()  # set once a response has started hanging
+        self._closing = threading.Event()
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -69,6 +73,7 @@ class LoopbackServer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self._closing.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -136,6 +141,14 @@ def _handler_for(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
             self.end_headers()
             if not body:
+                return
+            stall = server._take(server.stall, path)
+            if stall is not None and stall < len(chunk):
+                self.wfile.write(chunk[:stall])
+                self.wfile.flush()
+                server.stalling.set()
+                server._closing.wait(30)
+                self.close_connection = True
                 return
             cut = server._take(server.cut, path)
             if cut is not None and cut < len(chunk):

@@ -1,0 +1,51 @@
+"""A worker killed in the middle of a download: the rerun resumes the file and completes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import luigi
+import pytest
+
+from conftest import REPO, write_tiny_config
+from httpserver import LoopbackServer
+from pipeline import artifacts
+from tasks.cli import main as grove
+
+
+@pytest.mark.slow
+def test_sigkill_during_download_then_rerun_resumes(tiny_mnist, monkeypatch):
+    files = tiny_mnist["files"]
+    served = {f"/tinymnist/{p.name}": p.read_bytes() for p in files.values()}
+    with LoopbackServer(served) as server:
+        big = f"/tinymnist/{files['train_images'].name}"
+        server.stall[big] = [4000]  # the first response hangs after 4000 bytes
+        write_tiny_config(tiny_mnist["configs"], "tinymnist", files, urls=[server.url("/tinymnist")])
+        monkeypatch.delenv("GROVE_MIRROR")  # only the HTTP server has the files
+        env = os.environ.copy()
+        child = subprocess.Popen([sys.executable, "-m", "tasks.cli", "run", "tinymnist"], cwd=REPO, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert server.stalling.wait(60), "the download never started"
+            part = tiny_mnist["root"] / "tinymnist" / ".downloads" / f"{files['train_images'].name}.part"
+            deadline = time.monotonic() + 30
+            while not (part.exists() and part.stat().st_size == 4000):
+                assert time.monotonic() < deadline, "the partial file never reached 4000 bytes"
+                time.sleep(0.05)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        assert artifacts.list_versions(tiny_mnist["root"], "tinymnist", "fetch") == []
+
+        luigi.task_register.Register.clear_instance_cache()
+        assert grove(["run", "tinymnist"]) == 0
+        second = server.requests_for(big)[1]
+        assert second.headers.get("Range") == "bytes=4000-"  # resumed, not restarted
+    fetch = tiny_mnist["root"] / "tinymnist" / "fetch" / "latest"
+    manifest = artifacts.read_manifest(fetch, verify="sha256")
+    assert manifest["files"][files["train_images"].name]["bytes"] == files["train_images"].stat().st_size
+    assert not part.exists()

@@ -1,0 +1,103 @@
+"""Runs against a real luigid on a loopback port, and two runs of one chain at the same time."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from httpserver import free_port
+from pipeline import artifacts
+
+STAGES = ("fetch", "decode", "embed", "split", "exact", "forest", "evaluate")
+GROVE = [sys.executable, "-m", "tasks.cli"]
+
+
+@pytest.fixture
+def luigid(tmp_path):
+    """A real luigid on 127.0.0.1 with task history in a SQLite file; yields (port, history path)."""
+    port = free_port()
+    history = tmp_path / "history.sqlite"
+    cfg = tmp_path / "luigid.cfg"
+    cfg.write_text(f"[scheduler]\nrecord_task_history = true\nremove_delay = 600\n"
+                   f"[task_history]\ndb_connection = sqlite:///{history}\n")
+    env = {**os.environ, "LUIGI_CONFIG_PATH": str(cfg)}
+    (tmp_path / "logs").mkdir()
+    luigid_bin = Path(sys.executable).with_name("luigid")
+    proc = subprocess.Popen([str(luigid_bin), "--address", "127.0.0.1", "--port", str(port),
+                             "--state-path", str(tmp_path / "state.pickle"), "--logdir", str(tmp_path / "logs")],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/task_list?data={{}}", timeout=1)
+            break
+        except OSError:
+            assert proc.poll() is None, "luigid exited"
+            assert time.monotonic() < deadline, "luigid did not start"
+            time.sleep(0.2)
+    yield port, history
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _api(port, method, data=None):
+    url = f"http://127.0.0.1:{port}/api/{method}?data={urllib.parse.quote(json.dumps(data or {}))}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())["response"]
+
+
+def _start_two(args, env):
+    return [subprocess.Popen(GROVE + args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for _ in range(2)]
+
+
+def _check_store(root):
+    for stage in STAGES:
+        versions = artifacts.list_versions(root, "tinymnist", stage)
+        assert len(versions) == (2 if stage == "forest" else 1), stage
+        for m in versions:
+            artifacts.read_manifest(m["path"], verify="sha256")
+        leftovers = [p.name for p in (root / "tinymnist" / stage).iterdir() if p.name.startswith(".tmp-")]
+        assert leftovers == [], leftovers
+
+
+@pytest.mark.slow
+def test_two_workers_under_luigid_run_each_task_once(tiny_mnist, luigid):
+    port, history = luigid
+    runs = _start_two(["run", "tinymnist", "--scheduler-host", "127.0.0.1", "--scheduler-port", str(port)],
+                      os.environ.copy())
+    outputs = [p.communicate(timeout=300)[0] for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], outputs
+
+    done = _api(port, "task_list", {"status": "DONE"})
+    names = {task["name"] for task in done.values()}
+    assert {"Fetch", "Decode", "Embed", "Split", "Exact", "Forest", "Evaluate", "Chain"} <= names
+
+    with sqlite3.connect(history) as db:
+        rows = db.execute(
+            "SELECT t.name, COUNT(*) FROM task_events e JOIN tasks t ON e.task_id = t.id "
+            "WHERE e.event_name = 'RUNNING' GROUP BY t.task_id").fetchall()
+    counts = {}
+    for name, n in rows:
+        counts.setdefault(name, []).append(n)
+    assert counts and all(n == 1 for ns in counts.values() for n in ns), counts
+    assert len(counts["Forest"]) == 2  # n_trees 2 and 4, each run once
+    _check_store(tiny_mnist["root"])
+
+
+@pytest.mark.slow
+def test_two_overlapping_local_runs_do_not_corrupt_the_store(tiny_mnist):
+    runs = _start_two(["run", "tinymnist"], os.environ.copy())
+    outputs = [p.communicate(timeout=300)[0] for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], outputs
+    _check_store(tiny_mnist["root"])
