@@ -148,6 +148,75 @@ def _normalize_inplace(v):
 # build
 
 
+@intrinsic
+def prefetch_row(typingctx, arr, row, col):
+    """Hint the CPU to load the cache line holding ``arr[row, col]`` (no effect on results)."""
+    sig = types.void(arr, row, col)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        r = context.cast(builder, args[1], signature.args[1], types.intp)
+        c = context.cast(builder, args[2], signature.args[2], types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [r, c], wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        # read access, high temporal locality, data cache
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def byte_codes(data):
+    """Per-dimension uint8 codes of the rows, data ~ codes * scale + min.
+
+    data (n, dv) float32 -> (codes (n, dv) uint8, scale (dv,) float32, min (dv,) float32).
+    """
+    n, dv = data.shape
+    lo = data[0].copy()
+    hi = data[0].copy()
+    for i in range(1, n):
+        row = data[i]
+        for j in range(dv):
+            v = row[j]
+            lo[j] = min(lo[j], v)
+            hi[j] = max(hi[j], v)
+    scale = np.empty(dv, np.float32)
+    inv = np.empty(dv, np.float32)
+    for j in range(dv):
+        span = hi[j] - lo[j]
+        scale[j] = span / np.float32(255.0) if span > 0 else np.float32(1.0)
+        inv[j] = np.float32(1.0) / scale[j]
+    codes = np.empty((n, dv), np.uint8)
+    for i in range(n):
+        row = data[i]
+        out = codes[i]
+        for j in range(dv):
+            c = (row[j] - lo[j]) * inv[j] + np.float32(0.5)  # round half up; c >= 0.5 here
+            out[j] = np.uint8(np.int32(min(c, np.float32(255.0))))
+    return codes, scale, lo
+
+
+@njit(cache=True, nogil=True)
+def nonfinite_rows(x):
+    """Ids (int64) of the rows of x (n, d) float32 that hold a NaN or an infinity."""
+    bad = []
+    for i in range(x.shape[0]):
+        row = x[i]
+        for j in range(x.shape[1]):
+            if not np.isfinite(row[j]):
+                bad.append(i)
+                break
+    out = np.empty(len(bad), np.int64)
+    for i in range(len(bad)):
+        out[i] = bad[i]
+    return out
+
+
 @njit(cache=True, nogil=True)
 def _two_means(vecs, perm, s, e, metric, n_iter, state, p, q):
     """Two centroids p, q (dv,) float32 of the items perm[s:e], refined on sampled items."""
@@ -165,8 +234,16 @@ def _two_means(vecs, perm, s, e, metric, n_iter, state, p, q):
     ic = 1.0
     jc = 1.0
     inv = 1.0
-    for _ in range(n_iter):
-        z = vecs[perm[s + _rand_below(state, size)]]
+    n_lines = min((p.shape[0] * 4 + 63) // 64, 32)
+    nxt = perm[s + _rand_below(state, size)] if n_iter > 0 else 0
+    for it in range(n_iter):
+        zi = nxt
+        if it + 1 < n_iter:
+            # draw the next sample now (same order of draws) so its row loads during this step
+            nxt = perm[s + _rand_below(state, size)]
+            for line in range(n_lines):
+                prefetch_row(vecs, nxt, line * 16)
+        z = vecs[zi]
         if angular:
             zz = _dot(z, z)
             if zz <= 0:
@@ -215,7 +292,14 @@ def _assign_sides(codes, perm, s, e, w, c, side, state):
     """
     n_right = 0
     n_zero = 0
+    dv = codes.shape[1]
+    n_lines = min((dv + 63) // 64, 16)
+    ahead = max(2, 32 // n_lines)
     for i in range(s, e):
+        if i + ahead < e:
+            nxt = perm[i + ahead]
+            for line in range(n_lines):
+                prefetch_row(codes, nxt, line * 64)
         m = _dot_u8(w, codes[perm[i]]) + c
         b = np.int8(1) if m > 0 else np.int8(0)  # branch-free: the side is a coin flip to the CPU
         side[i - s] = b
@@ -488,26 +572,6 @@ def _topk_insert(kd, ki, size, k, d, item):
     return size
 
 
-@intrinsic
-def prefetch_row(typingctx, arr, row, col):
-    """Hint the CPU to load the cache line holding ``arr[row, col]`` (no effect on results)."""
-    sig = types.void(arr, row, col)
-
-    def codegen(context, builder, signature, args):
-        aryty = signature.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        r = context.cast(builder, args[1], signature.args[1], types.intp)
-        c = context.cast(builder, args[2], signature.args[2], types.intp)
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [r, c], wraparound=False)
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        # read access, high temporal locality, data cache
-        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 @njit(cache=True, nogil=True, fastmath=True)

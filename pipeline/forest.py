@@ -81,33 +81,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _prepare_vectors(vectors: np.ndarray, metric: str) -> np.ndarray:
-    """The rows as the kernels read them: (n, dv) float32, C-contiguous (see _forest_kernels)."""
-    x = np.array(vectors, dtype=np.float32, order="C", copy=True)  # never alias the caller's buffer
+def _prepare_vectors(x: np.ndarray, metric: str) -> np.ndarray:
+    """The rows as the kernels read them (see _forest_kernels), made from x (n, d) float32,
+    C-contiguous, which may be modified: (n, dv) float32, C-contiguous."""
     if metric == "angular":
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
+        return np.divide(x, norms, out=x, where=norms > 0)
     if metric == "dot":
         sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
         extra = np.sqrt(np.maximum(sq.max() - sq, 0.0)).astype(np.float32)
         return np.ascontiguousarray(np.concatenate([x, extra[:, None]], axis=1))
     return x
-
-
-def _byte_codes(data: np.ndarray, block: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-dimension uint8 codes of the rows: data ~ codes * scale + min.
-
-    data (n, dv) float32 -> codes (n, dv) uint8, scale (dv,) float32, min (dv,) float32. The build
-    streams these instead of the float rows when it sorts items to the sides of a split.
-    """
-    lo = data.min(axis=0)
-    span = data.max(axis=0) - lo
-    scale = np.where(span > 0, span / 255.0, 1.0).astype(np.float32)
-    codes = np.empty(data.shape, np.uint8)
-    for r0 in range(0, data.shape[0], block):
-        part = (data[r0 : r0 + block] - lo) / scale
-        codes[r0 : r0 + block] = np.clip(np.rint(part), 0, 255)
-    return codes, scale, lo.astype(np.float32)
 
 
 class Forest:
@@ -157,6 +141,8 @@ class Forest:
     ) -> "Forest":
         """Build a forest over ``vectors`` (n, dim), any real dtype (used as float32).
 
+        For ``euclidean``/``manhattan``, float32 C-contiguous ``vectors`` are referenced, not
+        copied (the index views them read-only): do not modify them while the forest is in use.
         ``leaf_size=None`` picks ``default_leaf_size(dim)``. Trees are built on ``n_threads``
         threads (0 = all cores); tree t uses its own seed derived from ``seed``, so the arrays are
         byte-identical for any thread count.
@@ -177,19 +163,24 @@ class Forest:
         if x.shape[0] >= 2**31 - 1:
             raise ConfigError(f"at most 2**31 - 2 items fit an index; got {x.shape[0]}")
         threads = _thread_count(n_threads, "Forest.build")
-        finite = np.isfinite(x).all(axis=1)
-        if not finite.all():
-            bad = np.flatnonzero(~finite)
+        if metric in ("euclidean", "manhattan"):
+            # read the caller's rows in place when they are already float32 and contiguous (like a
+            # memory-mapped Arrow column): no copy, no extra memory
+            x32 = np.ascontiguousarray(x, dtype=np.float32)
+        else:
+            x32 = np.array(x, dtype=np.float32, order="C", copy=True)  # normalised/augmented below
+        bad = _k.nonfinite_rows(x32)
+        if len(bad):
             raise FormatError(
-                f"Forest.build: {len(bad)} vector rows contain NaN or infinity (first: row {bad[0]}); "
-                "clean or drop those rows first"
+                f"Forest.build: {len(bad)} vector rows contain NaN or infinity (or overflow float32; first: row "
+                f"{bad[0]}); clean or drop those rows first"
             )
-        data = _prepare_vectors(x, metric)
+        data = _prepare_vectors(x32, metric)
         n = data.shape[0]
         code = _k.METRIC_CODES[metric]
         tree_seeds = np.random.SeedSequence(int(seed)).generate_state(int(n_trees), dtype=np.uint64)
         t0 = time.perf_counter()
-        codes, code_scale, code_min = _byte_codes(data)
+        codes, code_scale, code_min = _k.byte_codes(data)
 
         def one(t):
             return _k.build_tree(data, codes, code_scale, code_min, code, int(leaf_size), tree_seeds[t],
@@ -234,8 +225,9 @@ class Forest:
             ).astype(np.int64),
             "leaf_items": np.concatenate([t[0] for t in trees]).astype(np.int32),
         }
-        for a in arrays.values():
-            a.flags.writeable = False
+        for name in arrays:
+            arrays[name] = arrays[name].view()  # read-only views; the caller's flags stay as they were
+            arrays[name].flags.writeable = False
         return arrays
 
     # ----------------------------------------------------------------------------------- query
