@@ -110,7 +110,8 @@ def _model_inputs(
         inputs = np.asarray(inputs)
         if inputs.dtype == np.uint8 and inputs.ndim == 4:
             inputs = extract_backbone_features(
-                inputs, batch_size, progress, backbone=spec.name, image_size=spec.input_size,
+                # At most 32 images a batch: the backbone's activations are large.
+                inputs, min(batch_size, 32), progress, backbone=spec.name, image_size=spec.input_size,
                 weights_path=weights_path, threads=torch.get_num_threads(),
             )
         return _check_features(inputs, spec)
@@ -247,6 +248,7 @@ def train(
     hparams = {
         "lr": float(lr), "batch_size": int(batch_size), "seed": int(seed), "weight_decay": float(weight_decay),
         "augment": augment, "inputs_shape": list(np.shape(inputs)),
+        "inputs_sha256": hashlib.sha256(np.ascontiguousarray(inputs).data).hexdigest(),
         "labels_sha256": hashlib.sha256(y.numpy().tobytes()).hexdigest(),
     }
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -267,11 +269,13 @@ def train(
         if found:
             epoch, path = found[-1]
             state = _load_checkpoint(path)
-            if state["spec"] != spec.to_dict() or state["hparams"] != hparams:
+            then, now = {**state["spec"], **state["hparams"]}, {**spec.to_dict(), **hparams}
+            changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+            if changed:
                 raise ArtifactError(
-                    f"checkpoint {path} was written for other data or parameters "
-                    f"(spec {state['spec']}, {state['hparams']}; now {spec.to_dict()}, {hparams}); "
-                    f"remove {ckdir} to start over"
+                    f"checkpoint {path} was written for other data or parameters: "
+                    + "; ".join(f"{k} was {then.get(k)!r}, now {now.get(k)!r}" for k in changed)
+                    + f". Remove {ckdir} to start over"
                 )
             if epoch > epochs:
                 raise ArtifactError(f"checkpoint {path} is at epoch {epoch}, beyond the {epochs} asked for")

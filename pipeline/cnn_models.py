@@ -215,6 +215,7 @@ class GroveNet(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = check_spec(spec)
+        self.meta: dict[str, Any] = {}  # what save_model stored beside the weights
         self.body: nn.Module = nn.Identity() if spec.frozen_backbone else SmallCNN(spec.in_channels, spec.input_size, spec.width)
         self.bottleneck = nn.Sequential(
             nn.Linear(spec.feature_dim, spec.bottleneck, bias=False), nn.BatchNorm1d(spec.bottleneck), nn.ReLU()

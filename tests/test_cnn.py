@@ -167,6 +167,8 @@ def test_a_checkpoint_for_other_parameters_is_refused(tmp_path, digits):
         cnn.train("small", x[:64], y[:64], n_classes=4, epochs=2, seed=1, checkpoint_dir=tmp_path, **FAST)
     with pytest.raises(ArtifactError, match="other data or parameters"):
         cnn.train("small", x[:64], y[::-1][:64].copy(), n_classes=4, epochs=2, seed=0, checkpoint_dir=tmp_path, **FAST)
+    with pytest.raises(ArtifactError, match="other data or parameters"):
+        cnn.train("small", 255 - x[:64], y[:64], n_classes=4, epochs=2, seed=0, checkpoint_dir=tmp_path, **FAST)
 
 
 def test_a_truncated_checkpoint_is_reported(tmp_path, digits):
