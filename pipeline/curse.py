@@ -18,6 +18,7 @@ nearest *distinct* point counts as the minimum; a query whose every base point i
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -151,8 +152,14 @@ def normal_curve(
     """``[(d, mean contrast ratio)]`` for standard-normal base points and queries in each dimension d.
 
     Each dimension draws its own points from ``default_rng([seed, d])``, so a value does not depend
-    on which other dimensions are measured. A few seconds for d up to 1024 on 2 cores.
+    on which other dimensions are measured. A few seconds for d up to 1024 on 2 cores; the curve is
+    a pure function of its arguments, so a process computes each one once.
     """
+    return list(_normal_curve(tuple(int(d) for d in dims), int(n_points), int(n_queries), int(seed)))
+
+
+@functools.lru_cache(maxsize=8)
+def _normal_curve(dims: tuple[int, ...], n_points: int, n_queries: int, seed: int) -> tuple[tuple[int, float], ...]:
     out = []
     for d in dims:
         rng = np.random.default_rng([seed, int(d)])
@@ -160,7 +167,7 @@ def normal_curve(
         queries = rng.standard_normal((n_queries, int(d)), dtype=np.float32)
         out.append((int(d), contrast_ratio(base, queries)))
         log.debug("normal curve: d=%d ratio=%.4g", d, out[-1][1])
-    return out
+    return tuple(out)
 
 
 def _curve_arrays(curve: Sequence[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:

@@ -176,47 +176,58 @@ def plot_curse(curve: Sequence[tuple[int, float]], datasets: Sequence[tuple[str,
     return _png_uri(fig)
 
 
-def _show_image(ax, img: np.ndarray) -> None:
-    img = np.asarray(img)
+def _tile_rgb(img: np.ndarray) -> np.ndarray:
+    """One image as RGB floats in [0, 1]; grey digits dark on white, as the user's articles show them."""
+    img = np.asarray(img, dtype=np.float32)
+    scale = 255.0 if img.max() > 1.0 else 1.0
     if img.ndim == 3:
-        img = img.astype(np.float32) / (255.0 if img.max() > 1.0 else 1.0)
-        ax.imshow(np.clip(img, 0.0, 1.0))
-    else:
-        ax.imshow(img, cmap="gray_r", vmin=0.0, vmax=255.0 if img.max() > 1.0 else 1.0)
-    ax.set_xticks([])
-    ax.set_yticks([])
+        return np.clip(img / scale, 0.0, 1.0)
+    grey = 1.0 - np.clip(img / scale, 0.0, 1.0)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+_QUERY_FRAME, _WRONG_FRAME, _PLAIN_FRAME = (0.12, 0.31, 0.61), (0.84, 0.15, 0.16), (0.8, 0.8, 0.8)
 
 
 def plot_neighbours(ex: "NeighbourExamples") -> str:
-    """A grid: one row per query, the query then its neighbours; wrong-label neighbours framed red."""
+    """A grid: one row per query, the query then its neighbours; wrong-label neighbours framed red.
+
+    Drawn as one mosaic image (one ``imshow``) with text under each tile: a grid of ~90 axes costs
+    seconds in matplotlib, the mosaic a fraction of one.
+    """
     nq, k = ex.neighbour_images.shape[:2]
-    fig = _figure(1.0 * (k + 1) + 0.4, 1.22 * nq)
-    axes = fig.subplots(nq, k + 1, squeeze=False)
-    fig.subplots_adjust(wspace=0.08, hspace=0.45)
+    h, w = np.asarray(ex.query_images[0]).shape[:2]
+    frame = max(1, h // 14)
+    gap_x, gap_y = max(2, w // 4), max(6, h // 2)  # room between tiles; below each for its caption
+    cell_w, cell_h = w + 2 * frame + gap_x, h + 2 * frame + gap_y
+    mosaic = np.ones((nq * cell_h, (k + 1) * cell_w, 3), dtype=np.float32)
+    captions = []
     for i in range(nq):
         ql = None if ex.query_labels is None else int(ex.query_labels[i])
-        ax = axes[i, 0]
-        _show_image(ax, ex.query_images[i])
-        ax.set_title("query" if i == 0 else "", fontsize=9)
-        ax.set_xlabel(ex.label_name(ql), fontsize=8, fontweight="bold")
-        for s in ax.spines.values():
-            s.set_color("#1f4e9c")
-            s.set_linewidth(2.5)
-        for j in range(k):
-            ax = axes[i, j + 1]
-            _show_image(ax, ex.neighbour_images[i, j])
-            nl = None if ex.neighbour_labels is None else int(ex.neighbour_labels[i, j])
-            text = ex.label_name(nl)
-            if ex.neighbour_distances is not None:
-                dist = float(ex.neighbour_distances[i, j])
-                text += f"\n{dist:.0f}" if dist >= 100 else f"\n{dist:.3g}"
-            ax.set_xlabel(text, fontsize=7)
-            if i == 0:
-                ax.set_title(f"#{j + 1}", fontsize=9)
-            wrong = ql is not None and nl is not None and ql >= 0 and nl != ql
-            for s in ax.spines.values():
-                s.set_color("#d62728" if wrong else "0.8")
-                s.set_linewidth(3.0 if wrong else 0.6)
+        for j in range(k + 1):
+            if j == 0:
+                img, colour, text = ex.query_images[i], _QUERY_FRAME, ex.label_name(ql)
+            else:
+                img = ex.neighbour_images[i, j - 1]
+                nl = None if ex.neighbour_labels is None else int(ex.neighbour_labels[i, j - 1])
+                wrong = ql is not None and nl is not None and ql >= 0 and nl != ql
+                colour = _WRONG_FRAME if wrong else _PLAIN_FRAME
+                text = ex.label_name(nl)
+                if ex.neighbour_distances is not None:
+                    dist = float(ex.neighbour_distances[i, j - 1])
+                    text += f" · {dist:.0f}" if dist >= 100 else f" · {dist:.3g}"
+            y0, x0 = i * cell_h, j * cell_w
+            mosaic[y0 : y0 + h + 2 * frame, x0 : x0 + w + 2 * frame] = colour
+            mosaic[y0 + frame : y0 + frame + h, x0 + frame : x0 + frame + w] = _tile_rgb(img)
+            captions.append((x0 + frame + w / 2, y0 + h + 2 * frame + 1, text, j == 0))
+    fig = _figure(1.0 * (k + 1) + 0.4, 1.15 * nq + 0.4)
+    ax = fig.add_axes((0.01, 0.01, 0.98, 0.93))
+    ax.imshow(mosaic, interpolation="nearest")
+    for x, y, text, is_query in captions:
+        ax.text(x, y, text, ha="center", va="top", fontsize=7, fontweight="bold" if is_query else "normal")
+    for j in range(k + 1):
+        ax.text(j * cell_w + frame + w / 2, -2, "query" if j == 0 else f"#{j}", ha="center", va="bottom", fontsize=9)
+    ax.set_axis_off()
     return _png_uri(fig)
 
 
@@ -359,7 +370,8 @@ def _words_table(words: Sequence[Mapping]) -> str:
 # --- lineage -----------------------------------------------------------------------------------------
 
 
-def lineage_from_manifests(root: str | os.PathLike, evaluate_dir: str | os.PathLike) -> list[dict]:
+def lineage_from_manifests(root: str | os.PathLike, evaluate_dir: str | os.PathLike,
+                           manifest: dict | None = None) -> list[dict]:
     """Every stage version behind an evaluation, parents first, the evaluation last.
 
     Walks ``parents`` ("dataset/stage/version" keys under ``root``) recursively from
@@ -367,21 +379,23 @@ def lineage_from_manifests(root: str | os.PathLike, evaluate_dir: str | os.PathL
     ``key``, ``dataset``, ``stage``, ``version``, ``params``, ``seconds``, ``created_utc``, ``rows``,
     ``metrics``, ``parents`` (keys), ``path`` and ``missing`` (True when the parent's manifest is gone:
     the entry then only has its name and key, and a warning is logged).
+    ``manifest``: the evaluation's own manifest when it is not on disk yet (a report written while
+    the evaluation is being published).
     """
     root = Path(root)
     out: list[dict] = []
     seen: set[str] = set()
 
-    def visit(path: Path, name: str, key: str) -> None:
+    def visit(path: Path, name: str, key: str, m: dict | None = None) -> None:
         if key in seen:
             return
         seen.add(key)
         mf = path / MANIFEST
-        if not mf.is_file():
+        if m is None and not mf.is_file():
             log.warning("lineage: %s has no %s; it was deleted or never completed", path, MANIFEST)
             out.append({"name": name, "key": key, "path": str(path), "missing": True, "parents": []})
             return
-        m = json.loads(mf.read_text(encoding="utf-8"))
+        m = m if m is not None else json.loads(mf.read_text(encoding="utf-8"))
         parents = m.get("parents", {})
         for pname, pkey in sorted(parents.items()):
             visit(root / pkey, pname, pkey)
@@ -393,8 +407,8 @@ def lineage_from_manifests(root: str | os.PathLike, evaluate_dir: str | os.PathL
         })
 
     evaluate_dir = Path(evaluate_dir).resolve()
-    m = json.loads((evaluate_dir / MANIFEST).read_text(encoding="utf-8"))
-    visit(evaluate_dir, m.get("stage", "evaluate"), f"{m.get('dataset')}/{m.get('stage')}/{m.get('version')}")
+    m = manifest if manifest is not None else json.loads((evaluate_dir / MANIFEST).read_text(encoding="utf-8"))
+    visit(evaluate_dir, m.get("stage", "evaluate"), f"{m.get('dataset')}/{m.get('stage')}/{m.get('version')}", m)
     return out
 
 
@@ -689,6 +703,7 @@ def build_evaluation_report(
     root: str | os.PathLike, evaluate_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
     seed: int = 0, n_examples: int = 8, curve: Sequence[tuple[int, float]] | None = None,
     images: tuple[Any, Any, Sequence[int] | None] | None = None, class_names: Sequence[str] | None = None,
+    manifest: dict | None = None,
 ) -> Path:
     """Gather everything an evaluation's report shows from its artifacts and write it (default: into
     ``evaluate_dir``). Reads results.json, the lineage, the split and exact parents; for a table whose
@@ -697,12 +712,15 @@ def build_evaluation_report(
     pixels for a CNN embedding); for tables without images and without labels (words), approximate
     neighbours come from the largest forest at its fastest setting of recall >= QPS_RECALL_TARGET.
     ``curve``: a precomputed ``curse.normal_curve`` (10,000 points, 100 queries) to save a second or two.
+    ``manifest``: the evaluation's manifest when it is not written yet (the evaluate stage builds its
+    report before it publishes; it then passes stage, dataset, version and parents).
     """
     from .curse import dataset_contrast
     from .vectors import read_vectors
 
     root, evaluate_dir = Path(root), Path(evaluate_dir)
-    manifest = json.loads((evaluate_dir / MANIFEST).read_text(encoding="utf-8"))
+    if manifest is None:
+        manifest = json.loads((evaluate_dir / MANIFEST).read_text(encoding="utf-8"))
     results = json.loads((evaluate_dir / "results.json").read_text(encoding="utf-8"))
     parents = manifest.get("parents", {})
     split_dir, exact_dir = root / parents["split"], root / parents["exact"]
@@ -728,7 +746,7 @@ def build_evaluation_report(
     curse = dataset_contrast(base.vectors, metric=metric, seed=seed, curve=curve)
     return write_evaluation_report(
         out_dir if out_dir is not None else evaluate_dir, dataset=manifest.get("dataset", "?"), results=results,
-        lineage=lineage_from_manifests(root, evaluate_dir), neighbours=neighbours, words=words, curse=curse,
+        lineage=lineage_from_manifests(root, evaluate_dir, manifest), neighbours=neighbours, words=words, curse=curse,
         words_source=words_source)
 
 

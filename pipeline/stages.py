@@ -202,14 +202,20 @@ def write_forest(cfg: dict, split: Path, out: Path, n_trees: int, n_threads: int
 # --- evaluate ------------------------------------------------------------------------------------
 
 
-def embedding_quality(cfg: dict, embedded: Path) -> dict:
-    """How good the embedding itself is: word similarity and analogies for word vectors."""
-    if cfg["dataset"]["kind"] != "word2vec":
-        return {}
-    from .wordeval import evaluate_word_embedding
+def embedding_quality(cfg: dict, embedded: Path, split: Path, exact: Path) -> dict:
+    """How good the embedding itself is: word similarity and analogies for word vectors; for labelled
+    items, label precision@10 (the share of each query's 10 exact nearest base items with its label)."""
+    if cfg["dataset"]["kind"] == "word2vec":
+        from .wordeval import evaluate_word_embedding
 
-    table = read_vectors(embedded / "vectors.arrow")
-    return evaluate_word_embedding(table.keys, table.vectors)
+        table = read_vectors(embedded / "vectors.arrow")
+        return evaluate_word_embedding(table.keys, table.vectors)
+    base_labels = read_vectors(split / "base.arrow").labels
+    query_labels = read_vectors(split / "queries.arrow").labels
+    if (base_labels < 0).all():
+        return {}
+    neighbors = np.load(exact / "neighbors.npy", mmap_mode="r")[:, :10]
+    return {"label_precision_at_10": float((base_labels[neighbors] == query_labels[:, None]).mean())}
 
 
 def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests: dict[int, Path], out: Path,
@@ -241,16 +247,27 @@ def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests:
     report(1.0, "evaluation done")
     table = pa.Table.from_pylist([{"method": "exact" if r["n_trees"] == 0 else "forest", **r} for r in rows])
     pq.write_table(table, out / "results.parquet")
-    quality = embedding_quality(cfg, embedded)
+    quality = embedding_quality(cfg, embedded, split, exact)
     summary = {"k": k, "n_queries": int(len(queries)), "n_timed": int(min(ev["n_queries"], len(queries))),
                "metric": cfg["embed"]["metric"], "rows": table.to_pylist(), "quality": quality}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     metrics = {"best_recall": max(r["recall"] for r in rows if r["n_trees"])}
-    if quality:
+    if "label_precision_at_10" in quality:
+        metrics["label_precision_at_10"] = round(quality["label_precision_at_10"], 4)
+    if "wordsim353" in quality:
         metrics.update(wordsim353_spearman=round(quality["wordsim353"]["spearman"], 4),
                        simlex999_spearman=round(quality["simlex999"]["spearman"], 4),
                        analogy_accuracy=round(quality["analogy"]["accuracy"], 4))
     return {"rows": {"results": len(rows)}, "metrics": metrics}
+
+
+def write_report(root: Path, evaluate_dir: Path, manifest: dict, report: Report = _quiet) -> None:
+    """``report.html`` (and ``report.json``) inside an evaluation being published; ``manifest`` stands
+    in for the manifest that is not written yet (dataset, stage, version, params, parents)."""
+    from .report import build_evaluation_report
+
+    report(0.95, "writing report.html")
+    build_evaluation_report(root, evaluate_dir, manifest=manifest)
 
 
 def format_results(rows: list[dict], k: int = 10) -> str:

@@ -93,6 +93,10 @@ class Evaluate(GroveTask):
                                     self.parent_path("exact"), forests, tmp, self.report)
         rows = json.loads((tmp / "results.json").read_text())["rows"]
         log.info("%s evaluation:\n%s", self.dataset, stages.format_results(rows, self.cfg["evaluate"]["k"]))
+        ref = self.output().ref
+        stub = {"dataset": self.dataset, "stage": self.stage, "version": ref.version, "params": self.stage_params(),
+                "parents": {name: parent.key for name, parent in self.parent_refs().items()}}
+        stages.write_report(grove().artifact_root(), tmp, stub, self.report)
         return out
 
 

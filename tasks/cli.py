@@ -160,6 +160,16 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_index_page
+
+    root = _settings().artifact_root()
+    out = Path(args.out) if args.out else root / "index.html"
+    write_index_page(root, out)
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     settings = _settings()
     for name in available_datasets(settings.config_dir()):
@@ -242,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=3, help="versions to keep per stage (default 3)")
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("report", help="write the index page over every dataset's evaluations and reports")
+    p.add_argument("--out", default=None, help="where to write it (default <artifact root>/index.html)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("datasets", help="list the configured datasets")
     p.set_defaults(func=cmd_datasets)
