@@ -18,12 +18,16 @@ Array layout of a forest (global over all trees; see ``pipeline/forest.py`` for 
 - ``roots``    (n_trees,) int32: child code of each tree's root.
 - ``leaf_offsets`` (L + 1,) int64 and ``leaf_items`` (n_trees * n,) int32: leaf l holds the item ids
   ``leaf_items[leaf_offsets[l]:leaf_offsets[l + 1]]``; tree t's leaves tile ``[t * n, (t + 1) * n)``.
+- ``block_order`` (ceil(dv / 64),) int32: the order in which blocks of 64 dimensions are summed
+  for euclidean/manhattan distances, largest variance first, so that the early exit against the
+  current k-th distance comes after few blocks (identity for angular/dot).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
+from llvmlite.binding import llvm_version_info
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -38,7 +42,7 @@ MAX_SIDE_FRACTION = 0.95
 # Euclidean/manhattan distances are summed in blocks of this many dimensions; after each block a
 # candidate that is already farther than the current k-th best is abandoned. The blocks are always
 # summed in the same order, so the value (and hence the answer) does not depend on the abandoning.
-_BLOCK = 64
+BLOCK = _BLOCK = 64
 
 _U64_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _U64_M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -111,11 +115,14 @@ def _l1dist(a, b):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _sqdist_bounded(q, x, bound):
-    """Squared L2 summed block by block; stops early (returning a value > bound) once above bound."""
+def _sqdist_bounded(q, x, bound, block_order):
+    """Squared L2 summed block by block in ``block_order`` (most varying dimensions first, so a
+    far candidate is dropped after few blocks); stops early, returning a value > bound, once the
+    partial sum passes bound. The blocks are always summed in the same order."""
     d = q.shape[0]
     total = np.float32(0.0)
-    for j0 in range(0, d, _BLOCK):
+    for bi in block_order:
+        j0 = bi * _BLOCK
         j1 = min(j0 + _BLOCK, d)
         total += _sqdist(q[j0:j1], x[j0:j1])
         if total > bound:
@@ -124,15 +131,36 @@ def _sqdist_bounded(q, x, bound):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _l1dist_bounded(q, x, bound):
+def _l1dist_bounded(q, x, bound, block_order):
     d = q.shape[0]
     total = np.float32(0.0)
-    for j0 in range(0, d, _BLOCK):
+    for bi in block_order:
+        j0 = bi * _BLOCK
         j1 = min(j0 + _BLOCK, d)
         total += _l1dist(q[j0:j1], x[j0:j1])
         if total > bound:
             return total
     return total
+
+
+@njit(cache=True, nogil=True)
+def block_variances(data):
+    """Summed per-dimension variance of each block of _BLOCK dimensions: (ceil(dv / _BLOCK),) float64."""
+    n, dv = data.shape
+    s1 = np.zeros(dv, np.float64)
+    s2 = np.zeros(dv, np.float64)
+    for i in range(n):
+        row = data[i]
+        for j in range(dv):
+            v = np.float64(row[j])
+            s1[j] += v
+            s2[j] += v * v
+    n_blocks = (dv + _BLOCK - 1) // _BLOCK
+    out = np.zeros(n_blocks, np.float64)
+    for j in range(dv):
+        mean = s1[j] / n
+        out[j // _BLOCK] += max(s2[j] / n - mean * mean, 0.0)
+    return out
 
 
 @njit(cache=True, nogil=True)
@@ -146,6 +174,10 @@ def _normalize_inplace(v):
 
 # --------------------------------------------------------------------------------------------
 # build
+
+
+# LLVM >= 15 has opaque pointers and names the intrinsic by address space only.
+_PREFETCH_NAME = "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
 
 
 @intrinsic
@@ -162,7 +194,7 @@ def prefetch_row(typingctx, arr, row, col):
         i8p = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        fn = cgutils.get_or_insert_function(builder.module, fnty, _PREFETCH_NAME)
         # read access, high temporal locality, data cache
         builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
@@ -590,23 +622,31 @@ def _angular_sq(q, x, q_zero):
 
 
 @njit(cache=True, nogil=True)
-def _rank_candidates(qbuf, vectors, metric, k, cand, a, b, n_cand, kd, ki, found, bound, n_lines, ahead,
-                     q_zero):
+def _prefetch_candidate(vectors, item, block_order, pf_blocks):
+    """Start loading the first ``pf_blocks`` blocks (in block_order) of row ``item``."""
+    dv = vectors.shape[1]
+    for b in range(pf_blocks):
+        j0 = block_order[b] * _BLOCK
+        for col in range(j0, min(j0 + _BLOCK, dv), 16):
+            prefetch_row(vectors, item, col)
+
+
+@njit(cache=True, nogil=True)
+def _rank_candidates(qbuf, vectors, block_order, metric, k, cand, a, b, n_cand, kd, ki, found, bound,
+                     pf_blocks, ahead, q_zero):
     """Rank cand[a:b] (item ids) into the top-k heap (kd, ki); returns (found, bound).
 
-    While ranking cand[c], the first n_lines cache lines of cand[c + ahead] are prefetched.
+    While ranking cand[c], the first blocks of cand[c + ahead] are prefetched.
     """
     for c in range(a, b):
         if c + ahead < n_cand:
-            nxt = cand[c + ahead]
-            for line in range(n_lines):
-                prefetch_row(vectors, nxt, line * 16)
+            _prefetch_candidate(vectors, cand[c + ahead], block_order, pf_blocks)
         item = cand[c]
         x = vectors[item]
         if metric == EUCLIDEAN:
-            dist = _sqdist_bounded(qbuf, x, bound)
+            dist = _sqdist_bounded(qbuf, x, bound, block_order)
         elif metric == MANHATTAN:
-            dist = _l1dist_bounded(qbuf, x, bound)
+            dist = _l1dist_bounded(qbuf, x, bound, block_order)
         elif metric == ANGULAR:
             dist = _angular_sq(qbuf, x, q_zero)
         else:
@@ -620,8 +660,17 @@ def _rank_candidates(qbuf, vectors, metric, k, cand, a, b, n_cand, kd, ki, found
 
 
 @njit(cache=True, nogil=True)
+def _prefetch_node(planes, coefs, children, c, p_lines):
+    """Start loading what visiting split node c reads (its plane, scale/offset and children)."""
+    for line in range(p_lines):
+        prefetch_row(planes, c, line * 64)
+    prefetch_row(coefs, c, 0)
+    prefetch_row(children, c, 0)
+
+
+@njit(cache=True, nogil=True)
 def _search_one(
-    qraw, vectors, planes, coefs, children, roots, leaf_offsets, leaf_items,
+    qraw, vectors, planes, coefs, children, roots, leaf_offsets, leaf_items, block_order,
     metric, k, search_k, visited, qbuf, kd, ki, out_ids, out_dists,
 ):
     """Answer one query into out_ids (k,) int64 and out_dists (k,) float32; returns the count found.
@@ -662,8 +711,8 @@ def _search_one(
     cand = np.empty(ccap, np.int32)
     n_cand = 0
     ranked = 0
-    row_bytes = dv * 4
-    n_lines = min((row_bytes + 63) // 64, 8)
+    pf_blocks = min(block_order.shape[0], 2)
+    n_lines = min((dv * 4 + 63) // 64, pf_blocks * (_BLOCK // 16))
     ahead = max(4, 64 // n_lines)  # candidates prefetched ahead: about 64 lines in flight
     p_lines = min((dv + 63) // 64, 4)
     seen = 0
@@ -674,50 +723,63 @@ def _search_one(
         c = node[0]
         _heap_pop(pri, node, hsize)
         hsize -= 1
-        if c >= 0:
+        # Walk down from the popped node while the nearer child would be the next node popped
+        # anyway (its priority is at least the heap's top): the same visiting order as pushing and
+        # popping it, without the two heap operations. The farther child is always pushed.
+        corrupt = False
+        while c >= 0:
             if c >= n_splits:
-                continue  # corrupt child code: skip rather than read out of bounds
+                corrupt = True  # corrupt child code: skip rather than read out of bounds
+                break
             m = coefs[c, 0] * _dot_i8(planes[c], qbuf) + coefs[c, 1]
-            pr = p if p < m else m
-            pl = p if p < -m else -m
-            c1 = children[c, 1]
-            c0 = children[c, 0]
-            # the plane of the nearer child is usually needed soon: start loading it now
-            cn = c1 if m > 0 else c0
-            if cn >= 0 and cn < n_splits:
-                for line in range(p_lines):
-                    prefetch_row(planes, cn, line * 64)
-            pri, node = _heap_push(pri, node, hsize, pr, c1)
+            if m > 0:
+                near = children[c, 1]
+                far = children[c, 0]
+            else:
+                near = children[c, 0]
+                far = children[c, 1]
+            am = abs(m)
+            if far >= 0 and far < n_splits:
+                _prefetch_node(planes, coefs, children, far, p_lines)
+            pri, node = _heap_push(pri, node, hsize, p if p < -am else -am, far)
             hsize += 1
-            pri, node = _heap_push(pri, node, hsize, pl, c0)
-            hsize += 1
-        else:
-            leaf = -c - 1
-            if leaf >= n_leaves:
+            if am < p:
+                p = am
+            if pri[0] > p:
+                # another branch is more promising: queue the nearer child and pop that one
+                if near >= 0 and near < n_splits:
+                    _prefetch_node(planes, coefs, children, near, p_lines)
+                pri, node = _heap_push(pri, node, hsize, p, near)
+                hsize += 1
+                break
+            c = near
+        if corrupt or c >= 0:
+            continue
+        leaf = -c - 1
+        if leaf >= n_leaves:
+            continue
+        a = leaf_offsets[leaf]
+        b = leaf_offsets[leaf + 1]
+        seen += b - a
+        if n_cand + (b - a) > cand.shape[0]:
+            grown = np.empty(2 * cand.shape[0] + (b - a), np.int32)
+            grown[:n_cand] = cand[:n_cand]
+            cand = grown
+        before = n_cand
+        for pos in range(a, b):
+            item = leaf_items[pos]
+            if item < 0 or item >= n or visited[item] != 0:
                 continue
-            a = leaf_offsets[leaf]
-            b = leaf_offsets[leaf + 1]
-            seen += b - a
-            if n_cand + (b - a) > cand.shape[0]:
-                grown = np.empty(2 * cand.shape[0] + (b - a), np.int32)
-                grown[:n_cand] = cand[:n_cand]
-                cand = grown
-            before = n_cand
-            for pos in range(a, b):
-                item = leaf_items[pos]
-                if item < 0 or item >= n or visited[item] != 0:
-                    continue
-                visited[item] = 1
-                cand[n_cand] = item
-                n_cand += 1
-            for c in range(before, min(n_cand, before + ahead)):
-                for line in range(n_lines):
-                    prefetch_row(vectors, cand[c], line * 16)
-            found, bound = _rank_candidates(qbuf, vectors, metric, k, cand, ranked, before, n_cand, kd, ki,
-                                            found, bound, n_lines, ahead, q_zero)
-            ranked = before
-    found, bound = _rank_candidates(qbuf, vectors, metric, k, cand, ranked, n_cand, n_cand, kd, ki,
-                                    found, bound, n_lines, ahead, q_zero)
+            visited[item] = 1
+            cand[n_cand] = item
+            n_cand += 1
+        for c in range(before, min(n_cand, before + ahead)):
+            _prefetch_candidate(vectors, cand[c], block_order, pf_blocks)
+        found, bound = _rank_candidates(qbuf, vectors, block_order, metric, k, cand, ranked, before, n_cand,
+                                        kd, ki, found, bound, pf_blocks, ahead, q_zero)
+        ranked = before
+    found, bound = _rank_candidates(qbuf, vectors, block_order, metric, k, cand, ranked, n_cand, n_cand, kd, ki,
+                                    found, bound, pf_blocks, ahead, q_zero)
     for c in range(n_cand):
         visited[cand[c]] = 0
     # sort the k best by (distance, id): pop the max-heap from the back
@@ -754,7 +816,7 @@ def _search_one(
 
 
 @njit(cache=True, nogil=True)
-def query_one(qraw, vectors, planes, coefs, children, roots, leaf_offsets, leaf_items,
+def query_one(qraw, vectors, planes, coefs, children, roots, leaf_offsets, leaf_items, block_order,
               metric, k, search_k, visited):
     """One query; returns (ids (found,) int64, dists (found,) float32), nearest first.
 
@@ -766,13 +828,13 @@ def query_one(qraw, vectors, planes, coefs, children, roots, leaf_offsets, leaf_
     ki = np.empty(k, np.int64)
     out_ids = np.empty(k, np.int64)
     out_dists = np.empty(k, np.float32)
-    found = _search_one(qraw, vectors, planes, coefs, children, roots, leaf_offsets, leaf_items,
+    found = _search_one(qraw, vectors, planes, coefs, children, roots, leaf_offsets, leaf_items, block_order,
                         metric, k, search_k, visited, qbuf, kd, ki, out_ids, out_dists)
     return out_ids[:found], out_dists[:found]
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def query_batch(queries, vectors, planes, coefs, children, roots, leaf_offsets, leaf_items,
+def query_batch(queries, vectors, planes, coefs, children, roots, leaf_offsets, leaf_items, block_order,
                 metric, k, search_k, n_workers):
     """Many queries (nq, d) float32 on ``n_workers`` threads (query i goes to worker i % n_workers).
 
@@ -793,7 +855,7 @@ def query_batch(queries, vectors, planes, coefs, children, roots, leaf_offsets, 
         out_dists = np.empty(k, np.float32)
         for i in range(w, nq, n_workers):
             f = _search_one(queries[i], vectors, planes, coefs, children, roots, leaf_offsets,
-                            leaf_items, metric, k, search_k, visited, qbuf, kd, ki, out_ids, out_dists)
+                            leaf_items, block_order, metric, k, search_k, visited, qbuf, kd, ki, out_ids, out_dists)
             found[i] = f
             for j in range(f):
                 ids[i, j] = out_ids[j]

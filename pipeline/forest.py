@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,18 +50,19 @@ _ARRAYS = (
     ("roots", "<i4"),
     ("leaf_offsets", "<i8"),
     ("leaf_items", "<i4"),
+    ("block_order", "<i4"),
 )
 
 
 def default_leaf_size(dim: int) -> int:
-    """The leaf size used when ``leaf_size=None``: ``max(96, dim // 4)``, chosen by measurement.
+    """The leaf size used when ``leaf_size=None``: ``max(192, dim // 4)``, chosen by measurement.
 
-    A leaf sweep at 10 trees (benchmarks/RESULTS.md) found single-thread QPS at recall 0.90-0.95
-    flat within noise for leaves of 96-384 items on GloVe-50 and 96-192 on MNIST-784, and clearly
-    worse below 48; larger leaves for large ``dim`` keep the split planes from outweighing Annoy's
-    index on disk.
+    Leaf sweeps (benchmarks/RESULTS.md): on GloVe-50 single-thread QPS at recall 0.90/0.95 was best
+    at 192 (10 trees: within noise of 96-384; 100 trees: about 18% above 96). On MNIST-784 smaller
+    leaves were faster, but below about 150 items the split planes (one int8 row each) push the
+    index past Annoy's size; ``dim // 4`` keeps the plane bytes bounded for large dimensions.
     """
-    return int(max(96, dim // 4))
+    return int(max(192, dim // 4))
 
 
 def _all_cores() -> int:
@@ -94,6 +96,14 @@ def _prepare_vectors(x: np.ndarray, metric: str) -> np.ndarray:
     return x
 
 
+def _block_order(data: np.ndarray, metric: str) -> np.ndarray:
+    """(ceil(dv / 64),) int32: blocks of dimensions by decreasing variance (euclidean/manhattan)."""
+    n_blocks = -(-data.shape[1] // _k.BLOCK)
+    if metric not in ("euclidean", "manhattan") or n_blocks == 1:
+        return np.arange(n_blocks, dtype=np.int32)
+    return np.argsort(-_k.block_variances(data), kind="stable").astype(np.int32)
+
+
 class Forest:
     """A built or loaded forest. Attributes ``dim``, ``metric``, ``n_trees``, ``leaf_size``,
     ``seed`` and ``n_items`` are read-only; items are numbered 0..n_items-1 in build order."""
@@ -108,7 +118,9 @@ class Forest:
         self._seed = int(seed)
         self._n_items = int(arrays["vectors"].shape[0])
         self._kargs = tuple(np.asarray(arrays[name]) for name, _ in _ARRAYS)
-        self._visited = None  # (n,) uint8 all-zero scratch of the single-query kernel, made on first use
+        # (n,) uint8 all-zero scratch of the single-query kernel, one per Python thread (the kernel
+        # releases the GIL, so threads may query one forest at the same time)
+        self._local = threading.local()
 
     dim = property(lambda self: self._dim, doc="Dimension of the vectors (int).")
     metric = property(lambda self: self._metric, doc="'angular', 'euclidean', 'manhattan' or 'dot'.")
@@ -192,6 +204,8 @@ class Forest:
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 trees = list(pool.map(one, range(n_trees)))
         arrays = cls._assemble(data, trees, n)
+        arrays["block_order"] = _block_order(data, metric)
+        arrays["block_order"].flags.writeable = False
         log.info(
             "built %d trees over %d x %d (%s, leaf_size %d) in %.2fs on %d threads: %d splits, %d leaves",
             n_trees, n, x.shape[1], metric, leaf_size, time.perf_counter() - t0, threads,
@@ -255,9 +269,10 @@ class Forest:
                 f"query vector has shape {q.shape}, expected ({self._dim},) for this {self._metric} index"
             )
         k, search_k = self._check_k(k, search_k)
-        if self._visited is None:
-            self._visited = np.zeros(self._n_items, np.uint8)
-        ids, dists = _k.query_one(q, *self._kargs, self._code, k, search_k, self._visited)
+        visited = getattr(self._local, "visited", None)
+        if visited is None:
+            visited = self._local.visited = np.zeros(self._n_items, np.uint8)
+        ids, dists = _k.query_one(q, *self._kargs, self._code, k, search_k, visited)
         return (ids, dists) if include_distances else ids
 
     def query_item(self, i: int, k: int = 10, search_k: int | None = None, include_distances: bool = False):
@@ -427,6 +442,7 @@ def _check_structure(root: Path, header: dict, arrays: dict) -> None:
     expected = {
         "vectors": (n, dv), "planes": (s, dv), "plane_coefs": (s, 2), "children": (s, 2), "roots": (t,),
         "leaf_items": (t * n,),
+        "block_order": (-(-dv // _k.BLOCK),),
     }
     for name, shape in expected.items():
         if tuple(arrays[name].shape) != shape:
@@ -437,6 +453,10 @@ def _check_structure(root: Path, header: dict, arrays: dict) -> None:
     lo = np.asarray(arrays["leaf_offsets"])
     if n_leaves < 1 or lo[0] != 0 or lo[-1] != t * n or (n_leaves > 1 and np.any(np.diff(lo) < 0)):
         raise IndexFormatError(f"{root / 'leaf_offsets.npy'}: offsets do not tile [0, {t * n}); "
+                               "the file is corrupt: rebuild the index")
+    order = np.asarray(arrays["block_order"])
+    if not np.array_equal(np.sort(order), np.arange(order.shape[0])):
+        raise IndexFormatError(f"{root / 'block_order.npy'}: not a permutation of 0..{order.shape[0] - 1}; "
                                "the file is corrupt: rebuild the index")
     for name in ("children", "roots"):
         c = np.asarray(arrays[name])

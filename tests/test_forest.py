@@ -178,6 +178,18 @@ def test_query_and_query_batch_identical(metric):
     assert forest.query_batch(q, k=7, search_k=150).tolist() == bi.tolist()
 
 
+def test_concurrent_python_threads_get_the_same_answers():
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = seeded_data(1500)
+    forest = Forest.build(x, metric="euclidean", n_trees=5, leaf_size=16, seed=4)
+    q = x[:200] + np.float32(0.2)
+    expected = [forest.query(row, 10, 300).tolist() for row in q]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # query_one releases the GIL
+        got = list(pool.map(lambda row: forest.query(row, 10, 300).tolist(), q))
+    assert got == expected
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "dot"])
 def test_query_item(metric):
     x = seeded_data(800)
