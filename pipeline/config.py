@@ -23,7 +23,7 @@ PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 _REQUIRED = object()
 
-KINDS = ("idx", "word2vec")
+KINDS = ("idx", "word2vec", "food101")
 
 # section -> key -> (accepted types, default). Lists are written as ("list", item type).
 _SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
@@ -80,8 +80,14 @@ _DECODE_SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "words_column": (str, None),
         "limit": (int, 0),  # read at most this many words (0 = all)
     },
+    "food101": {
+        "archive": (str, _REQUIRED),  # source with the tar archive in Food-101's layout
+        "classes": (("list", str), []),  # a subset of meta/classes.txt ([] = every class)
+        "image_size": (int, 128),  # photos are resized (shorter side) and centre-cropped to this
+    },
 }
-_SOURCE_REFS = {"idx": ("train_images", "train_labels", "test_images", "test_labels"), "word2vec": ("vectors", "words")}
+_SOURCE_REFS = {"idx": ("train_images", "train_labels", "test_images", "test_labels"),
+                "word2vec": ("vectors", "words"), "food101": ("archive",)}
 
 _SOURCE_SCHEMA: dict[str, tuple[Any, Any]] = {
     "filename": (str, _REQUIRED),

@@ -181,8 +181,10 @@ def curve_position(ratio: float, curve: Sequence[tuple[int, float]]) -> str | No
     """None when ``ratio`` lies within the curve's range, else ``"below_range"`` (a ratio larger than
     at the smallest d: easier than any dimension measured) or ``"above_range"`` (harder than the largest)."""
     _, log_r = _curve_arrays(curve)
-    if not ratio > 0:
-        raise ValueError(f"ratio must be positive, got {ratio}")
+    if not ratio >= 0:
+        raise ValueError(f"ratio must be zero or positive, got {ratio}")
+    if ratio == 0:  # every distance equal: no contrast at all, beyond any dimension measured
+        return "above_range"
     if math.log(ratio) > log_r.max():
         return "below_range"
     if math.log(ratio) < log_r.min():

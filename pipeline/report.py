@@ -743,7 +743,13 @@ def build_evaluation_report(
             n_queries=n_examples, k=k, seed=seed, class_names=class_names)
     elif not (base.labels >= 0).any():
         words, words_source = _word_examples(root, parents, results, base, queries, exact_ids, exact_dists, k, seed)
-    curse = dataset_contrast(base.vectors, metric=metric, seed=seed, curve=curve)
+    # The contrast needs a few points besides its queries, and is not defined for inner products.
+    n_contrast = min(100, len(base) // 2)
+    curse = None
+    if metric != "dot" and n_contrast >= 1 and len(base) - n_contrast >= 2:
+        curse = dataset_contrast(base.vectors, metric=metric, seed=seed, curve=curve, n_queries=n_contrast)
+    else:
+        log.info("report: no curse-of-dimensionality section (%d vectors, metric %s)", len(base), metric)
     return write_evaluation_report(
         out_dir if out_dir is not None else evaluate_dir, dataset=manifest.get("dataset", "?"), results=results,
         lineage=lineage_from_manifests(root, evaluate_dir, manifest), neighbours=neighbours, words=words, curse=curse,

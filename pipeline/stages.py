@@ -92,7 +92,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def write_decode(cfg: dict, fetched: Path, out: Path, report: Report = _quiet) -> dict:
     """Read the raw files into one items table (``items.arrow``): uint8 pixels, or float32 word vectors."""
-    vectors, keys, labels, splits, meta = DECODERS[cfg["dataset"]["kind"]](cfg, fetched, report)
+    vectors, keys, labels, splits, meta = DECODERS[cfg["dataset"]["kind"]](cfg, fetched, out, report)
     n = write_vectors(out / "items.arrow", vectors, keys, labels, splits, meta=meta)
     return {"rows": {"items": n}, "dim": int(vectors.shape[1])}
 

@@ -54,6 +54,9 @@ def _build(tasks: list, args: argparse.Namespace) -> int:
         kwargs.update(scheduler_host=args.scheduler_host, scheduler_port=args.scheduler_port)
     else:
         kwargs["local_scheduler"] = True
+        # luigi.cfg keeps workers alive to retry failed tasks, which is what luigid is for; a run on
+        # the local scheduler reports a failure at once instead of waiting out retry_delay.
+        luigi.configuration.get_config().set("worker", "keep_alive", "false")
     result = luigi.build(tasks, **kwargs)
     print(result.summary_text)
     codes = {

@@ -98,3 +98,13 @@ def tiny_mnist(tmp_path, monkeypatch):
     yield {"mirror": mirror, "configs": configs, "config": config, "root": root, "files": files,
            "train": (train_x, train_y), "test": (test_x, test_y)}
     luigi.task_register.Register.clear_instance_cache()
+
+
+@pytest.fixture(autouse=True)
+def _local_runs_end_on_failure():
+    """luigi.cfg keeps workers alive for retries under luigid; a local test run must end on a failure."""
+    import luigi.configuration
+
+    config = luigi.configuration.get_config()
+    config.set("worker", "keep_alive", "false")
+    yield
