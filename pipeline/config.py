@@ -38,6 +38,19 @@ _SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "metric": (str, "euclidean"),
         "scale": (float, 1.0),
     },
+    # The CNN of embed.model = "cnn": a 128-d bottleneck before a softmax over the labels.
+    "train": {
+        "backbone": (str, "small"),  # small (from scratch) or a frozen pretrained backbone + trained head
+        "weights_path": (str, ""),  # local weights file for resnet18 / mobilenet_v3_small
+        "bottleneck": (int, 128),
+        "epochs": (int, 2),
+        "batch_size": (int, 128),
+        "lr": (float, 2e-3),
+        "dropout": (float, 0.2),
+        "weight_decay": (float, 1e-4),
+        "input_size": (int, 0),  # 0 = the images' own size (small) or the backbone's default
+        "seed": (int, 0),
+    },
     "split": {
         "method": (str, "column"),
         "n_queries": (int, 0),
@@ -98,7 +111,8 @@ _SOURCE_SCHEMA: dict[str, tuple[Any, Any]] = {
 
 _CHOICES = {
     ("dataset", "kind"): KINDS,
-    ("embed", "model"): ("pixels", "normalized"),
+    ("embed", "model"): ("pixels", "normalized", "cnn"),
+    ("train", "backbone"): ("small", "efficientnet_lite0", "resnet18", "mobilenet_v3_small"),
     ("decode", "format"): ("auto", "binary", "text", "npy"),
     ("embed", "metric"): METRICS,
     ("split", "method"): ("column", "holdout"),
@@ -220,6 +234,11 @@ def validate(raw: dict, path: Path) -> dict:
         raise ConfigError(f"{path}: forest.n_trees must list at least one positive number")
     if not cfg["evaluate"]["search_k"]:
         raise ConfigError(f"{path}: evaluate.search_k must list at least one value")
+    if cfg["embed"]["model"] == "cnn":
+        if cfg["dataset"]["kind"] == "word2vec":
+            raise ConfigError(f"{path}: embed.model = 'cnn' needs images; a word2vec dataset has none")
+        if cfg["embed"]["metric"] != "angular":
+            raise ConfigError(f"{path}: embed.model = 'cnn' gives unit vectors: set embed.metric = 'angular'")
     gate = cfg["gate"]
     if gate["n_trees"] and gate["n_trees"] not in cfg["forest"]["n_trees"]:
         raise ConfigError(f"{path}: gate.n_trees = {gate['n_trees']} is not one of forest.n_trees")

@@ -27,13 +27,15 @@ from .errors import ConfigError
 from .evaluate import directory_bytes, exact_baseline, sweep_forest
 from .decode import DECODERS
 from .exact import exact_neighbors, normalize_rows
+from .artifacts import read_manifest
 from .vectors import read_vectors, write_vectors
 
 log = logging.getLogger(__name__)
 
 Report = Callable[[float, str], None]
 
-FORMATS = {"fetch": 1, "decode": 1, "embed": 1, "split": 1, "exact": 1, "forest": 1, "evaluate": 1}
+FORMATS = {"fetch": 1, "decode": 1, "features": 1, "train": 1, "embed": 1, "split": 1, "exact": 1, "forest": 1,
+           "evaluate": 1}
 
 
 def _quiet(fraction: float, message: str) -> None:
@@ -50,6 +52,11 @@ def stage_params(cfg: dict, stage: str, **extra: Any) -> dict:
         }
     if stage == "decode":
         return {"kind": cfg["dataset"]["kind"], **cfg["decode"]}
+    if stage == "features":
+        t = cfg["train"]
+        return {"backbone": t["backbone"], "input_size": t["input_size"], "weights_path": t["weights_path"]}
+    if stage == "train":
+        return dict(cfg["train"])
     if stage == "exact":
         return {**cfg["exact"], "metric": cfg["embed"]["metric"]}
     if stage == "forest":
@@ -100,10 +107,22 @@ def write_decode(cfg: dict, fetched: Path, out: Path, report: Report = _quiet) -
 # --- embed ---------------------------------------------------------------------------------------
 
 
-def write_embed(cfg: dict, decoded: Path, out: Path, report: Report = _quiet) -> dict:
-    """Turn items into float32 vectors (``vectors.arrow``) with metric and model in the metadata."""
+def write_embed(cfg: dict, decoded: Path, out: Path, report: Report = _quiet, trained: Path | None = None,
+                features: Path | None = None, threads: int = 1) -> dict:
+    """Turn items into float32 vectors (``vectors.arrow``) with metric and model in the metadata:
+    scaled pixels, unit-length word vectors, or a trained CNN's bottleneck (``trained``)."""
     emb = cfg["embed"]
     items = read_vectors(decoded / "items.arrow")
+    meta = {k: v for k, v in items.meta.items() if k != "dim"}
+    meta.update(metric=emb["metric"], model=emb["model"])
+    if emb["model"] == "cnn":
+        from .learned import embed_with_model
+
+        vectors = embed_with_model(cfg, items, trained / "model", features, threads, report)
+        meta["backbone"] = cfg["train"]["backbone"]
+        meta["item_shape"] = meta.pop("image_shape", None)  # the rows are no longer images
+        n = write_vectors(out / "vectors.arrow", vectors, items.keys, items.labels, list(items.splits), meta=meta)
+        return {"rows": {"vectors": n}, "dim": int(vectors.shape[1])}
     vectors = np.empty(items.vectors.shape, dtype=np.float32)
     step = 8192
     for start in range(0, len(items), step):
@@ -112,8 +131,6 @@ def write_embed(cfg: dict, decoded: Path, out: Path, report: Report = _quiet) ->
             block = normalize_rows(block)
         np.multiply(block, np.float32(emb["scale"]), out=vectors[start : start + step])
         report(min(1.0, (start + step) / len(items)), f"embedded {min(start + step, len(items))} items")
-    meta = {k: v for k, v in items.meta.items() if k != "dim"}
-    meta.update(metric=emb["metric"], model=emb["model"])
     n = write_vectors(out / "vectors.arrow", vectors, items.keys, items.labels, list(items.splits), meta=meta)
     return {"rows": {"vectors": n}, "dim": int(vectors.shape[1])}
 
@@ -261,13 +278,29 @@ def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests:
     return {"rows": {"results": len(rows)}, "metrics": metrics}
 
 
+def _item_images(root: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray, list] | None:
+    """(query images, base images, image shape) from the decode stage, when the embedded vectors are not
+    images themselves (a CNN bottleneck) but the items are."""
+    embed_dir = root / manifest["parents"]["embed"]
+    embed_manifest = read_manifest(embed_dir, verify="none")
+    decode_dir = root / embed_manifest["parents"]["decode"]
+    items = read_vectors(decode_dir / "items.arrow")
+    if "image_shape" not in items.meta or embed_manifest["params"].get("model") != "cnn":
+        return None
+    row = {key: i for i, key in enumerate(items.keys)}
+    split_dir = root / manifest["parents"]["split"]
+    picks = [np.array([row[k] for k in read_vectors(split_dir / f"{name}.arrow").keys], dtype=np.int64)
+             for name in ("queries", "base")]
+    return items.vectors[picks[0]], items.vectors[picks[1]], json.loads(items.meta["image_shape"])
+
+
 def write_report(root: Path, evaluate_dir: Path, manifest: dict, report: Report = _quiet) -> None:
     """``report.html`` (and ``report.json``) inside an evaluation being published; ``manifest`` stands
     in for the manifest that is not written yet (dataset, stage, version, params, parents)."""
     from .report import build_evaluation_report
 
     report(0.95, "writing report.html")
-    build_evaluation_report(root, evaluate_dir, manifest=manifest)
+    build_evaluation_report(root, evaluate_dir, manifest=manifest, images=_item_images(root, manifest))
 
 
 def format_results(rows: list[dict], k: int = 10) -> str:

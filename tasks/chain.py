@@ -8,7 +8,7 @@ from pathlib import Path
 
 import luigi
 
-from pipeline import stages
+from pipeline import learned, stages
 
 from .base import GroveTask, grove
 
@@ -34,14 +34,54 @@ class Decode(GroveTask):
         return stages.write_decode(self.cfg, self.parent_path("fetch"), tmp, self.report)
 
 
-class Embed(GroveTask):
-    stage = "embed"
+class Features(GroveTask):
+    """A frozen pretrained backbone run once over every image; its features are cached here."""
+
+    stage = "features"
 
     def parent_tasks(self):
         return {"decode": self.clone(Decode)}
 
     def write(self, tmp: Path):
-        return stages.write_embed(self.cfg, self.parent_path("decode"), tmp, self.report)
+        return learned.write_features(self.cfg, self.parent_path("decode"), tmp, grove().thread_count(), self.report)
+
+
+class Train(GroveTask):
+    """The CNN with a bottleneck, trained on the train split (on cached features for a pretrained backbone)."""
+
+    stage = "train"
+    resources = {"cnn_training": 1}  # luigi.cfg [resources]: one training at a time across workers
+
+    def parent_tasks(self):
+        parents = {"decode": self.clone(Decode)}
+        if learned.pretrained(self.cfg):
+            parents["features"] = self.clone(Features)
+        return parents
+
+    def write(self, tmp: Path):
+        checkpoints = grove().artifact_root() / self.dataset / ".checkpoints" / self.output().ref.version
+        features = self.parent_path("features") if "features" in self.parent_refs() else None
+        return learned.write_train(self.cfg, self.parent_path("decode"), features, tmp, checkpoints,
+                                   grove().thread_count(), self.report)
+
+
+class Embed(GroveTask):
+    stage = "embed"
+
+    def parent_tasks(self):
+        parents = {"decode": self.clone(Decode)}
+        if self.cfg["embed"]["model"] == "cnn":
+            parents["train"] = self.clone(Train)
+            if learned.pretrained(self.cfg):
+                parents["features"] = self.clone(Features)
+        return parents
+
+    def write(self, tmp: Path):
+        refs = self.parent_refs()
+        return stages.write_embed(self.cfg, refs["decode"].path, tmp, self.report,
+                                  trained=refs["train"].path if "train" in refs else None,
+                                  features=refs["features"].path if "features" in refs else None,
+                                  threads=grove().thread_count())
 
 
 class Split(GroveTask):
