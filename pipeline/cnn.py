@@ -45,6 +45,7 @@ from .cnn_models import (
     resize_center_crop,
     set_threads,
 )
+from .download import file_digest
 from .errors import ArtifactError, ConfigError, FormatError
 from .exact import exact_neighbors, normalize_rows
 
@@ -357,13 +358,6 @@ def _recalibrate_batchnorm(
 # ---------------------------------------------------------------- saving
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def save_model(model: GroveNet, directory: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` (the state dict) and ``model.json`` (``{"spec", "weights",
@@ -375,7 +369,7 @@ def save_model(model: GroveNet, directory: str | Path, meta: Mapping[str, Any] |
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / WEIGHTS_FILE
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(weights))
-    doc = {"spec": model.spec.to_dict(), "weights": WEIGHTS_FILE, "sha256": _sha256(weights),
+    doc = {"spec": model.spec.to_dict(), "weights": WEIGHTS_FILE, "sha256": file_digest(weights),
            "size": weights.stat().st_size, "meta": dict(meta or {})}
     path = directory / MODEL_JSON
     tmp = directory / f".{MODEL_JSON}.tmp-{os.getpid()}"
@@ -402,7 +396,7 @@ def load_model(directory: str | Path) -> GroveNet:
         raise ArtifactError(f"{path} is not a valid model description ({exc!r}); rebuild the model") from exc
     if not weights.is_file():
         raise ArtifactError(f"model weights {weights} are missing; rebuild the model")
-    actual = _sha256(weights)
+    actual = file_digest(weights)
     if actual != expected:
         raise ArtifactError(
             f"model weights {weights} were altered or truncated: sha256 {actual}, expected {expected}; rebuild the model"

@@ -19,7 +19,6 @@ The kernels are in ``pipeline/_forest_kernels.py``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ import numpy as np
 
 from . import __version__
 from . import _forest_kernels as _k
+from .download import file_digest
 from .errors import ConfigError, FormatError, IndexFormatError, IndexMismatchError
 from .exact import METRICS
 
@@ -74,13 +74,6 @@ def _thread_count(n_threads: int, what: str) -> int:
         raise ConfigError(f"{what}: n_threads must be an integer >= 0 (0 = all cores); got {n_threads!r}")
     return _all_cores() if n_threads == 0 else min(int(n_threads), _all_cores())
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _prepare_vectors(x: np.ndarray, metric: str) -> np.ndarray:
@@ -324,7 +317,7 @@ class Forest:
             a = np.ascontiguousarray(self._arrays[name], dtype=np.dtype(dtype))
             path = out / f"{name}.npy"
             np.save(path, a, allow_pickle=False)
-            files[name] = {"file": path.name, "shape": list(a.shape), "dtype": dtype, "sha256": _sha256(path)}
+            files[name] = {"file": path.name, "shape": list(a.shape), "dtype": dtype, "sha256": file_digest(path)}
         header = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -375,7 +368,7 @@ class Forest:
             if not path.is_file():
                 raise IndexFormatError(f"{path}: file missing from the index directory; rebuild the index")
             if verify:
-                digest = _sha256(path)
+                digest = file_digest(path)
                 if digest != spec.get("sha256"):
                     raise IndexFormatError(
                         f"{path}: sha256 is {digest}, header records {spec.get('sha256')}; "
