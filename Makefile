@@ -29,7 +29,7 @@ venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/grove run glove
-	$(BIN)/grove query glove "chinese river"
+	$(BIN)/grove query glove "chinese river" --search-k 10000
 	GROVE_MIRROR=$(DEMO_MIRROR) $(BIN)/grove run mnist
 	$(BIN)/grove query mnist test/0
 

@@ -177,10 +177,30 @@ def gc(root: Path, keep: int, dry_run: bool = False) -> list[Path]:
     for path in doomed:
         if dry_run:
             log.info("would delete %s", path)
-            continue
-        # Rename first so that a half-deleted directory never looks like a complete version.
-        trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
-        os.rename(path, trash)
-        shutil.rmtree(trash)
-        log.info("deleted %s", path)
+        else:
+            remove_version(path)
     return doomed
+
+
+def remove_version(path: Path) -> None:
+    """Delete one version directory. It is renamed first, so a half-deleted directory never looks
+    like a complete version."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash)
+    log.info("deleted %s", path)
+
+
+def remove_damaged(paths: list[Path]) -> list[tuple[Path, str]]:
+    """Check every given version against its manifest (sha256); delete the damaged ones so the next
+    run rebuilds them. Returns ``(path, what was wrong)`` for each deleted version."""
+    removed = []
+    for path in paths:
+        if not (path / artifacts.MANIFEST).is_file():
+            continue
+        try:
+            artifacts.read_manifest(path, verify="sha256")
+        except ArtifactError as exc:
+            remove_version(path)
+            removed.append((path, str(exc)))
+    return removed

@@ -107,5 +107,7 @@ class GroveTask(luigi.Task):
 
     def run(self) -> None:
         for name, ref in self.parent_refs().items():
-            artifacts.read_manifest(ref.path)  # a half-written or damaged parent is an error, not an input
+            # A half-written or damaged parent is an error, not an input: every file is checked
+            # against its manifest's sha256 (a flipped byte in embeddings or an index is caught here).
+            artifacts.read_manifest(ref.path, verify="sha256")
         artifacts.publish(self.output().ref, self.write, self.stage_params(), self.parent_refs())

@@ -27,7 +27,26 @@ def _settings():
     return grove()
 
 
+def _chain_outputs(tasks: list) -> list[Path]:
+    """The version directories every task below ``tasks`` reads or writes."""
+    from luigi.task import flatten
+
+    from .base import GroveTask
+
+    seen, paths, stack = set(), [], list(tasks)
+    while stack:
+        task = stack.pop()
+        if task.task_id in seen:
+            continue
+        seen.add(task.task_id)
+        if isinstance(task, GroveTask):
+            paths.append(task.output().path)
+        stack.extend(flatten(task.requires()))
+    return paths
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline import lifecycle
     from pipeline.stages import format_results
 
     from .chain import Chain, Evaluate
@@ -35,7 +54,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings()
     for dataset in args.datasets:  # every config is checked before any work starts
         load_config(dataset, settings.config_dir())
-    code = _build([Chain(dataset=d) for d in args.datasets], args)
+    chains = [Chain(dataset=d) for d in args.datasets]
+    if args.rebuild:
+        for path, why in lifecycle.remove_damaged(_chain_outputs(chains)):
+            print(f"removed damaged {path.name}: {why}", file=sys.stderr)
+    code = _build(chains, args)
     for dataset in args.datasets:
         target = Evaluate(dataset=dataset).output()
         if target.exists():
@@ -223,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the whole chain of one or more datasets")
     p.add_argument("datasets", nargs="+", metavar="DATASET", help="dataset names (configs/<name>.toml)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="first check every existing version of the chain against its manifest's sha256 and "
+                        "delete the damaged ones, so they are built again")
     _scheduler_options(p)
     p.set_defaults(func=cmd_run)
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from pipeline import artifacts
 from tasks.cli import main as grove
 
 
@@ -64,3 +65,23 @@ def test_query_an_image_by_key(tiny_mnist, capsys):
     lines = capsys.readouterr().out.splitlines()
     # train/4 is in the base; its own key is left out, so its twin train/1 comes first (see tiny_digits)
     assert lines[2].split()[1] == "train/1" and lines[2].split()[3] == "train/1"
+
+
+def test_damaged_embedding_is_caught_and_rebuild_repairs_it(tiny_mnist, capsys):
+    assert grove(["run", "tinymnist"]) == 0
+    embed = next((tiny_mnist["root"] / "tinymnist" / "embed").glob("v1-*"))
+    data = bytearray((embed / "vectors.arrow").read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the vectors, same size
+    (embed / "vectors.arrow").write_bytes(bytes(data))
+    for stage in ("split", "evaluate"):  # make the children run again, so they read the damaged parent
+        for version in (tiny_mnist["root"] / "tinymnist" / stage).glob("v1-*"):
+            import shutil
+
+            shutil.rmtree(version)
+    capsys.readouterr()
+    assert grove(["run", "tinymnist"]) == 1  # Split refuses to read the damaged vectors
+    assert "Split(dataset=tinymnist)" in capsys.readouterr().out.split("failed:")[1]
+    assert not list((tiny_mnist["root"] / "tinymnist" / "split").glob("v1-*"))
+    assert grove(["run", "tinymnist", "--rebuild"]) == 0
+    assert "removed damaged" in capsys.readouterr().err
+    artifacts.read_manifest(embed, verify="sha256")
