@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import datetime, timezone
 from pathlib import Path
 
 import luigi
@@ -135,7 +136,8 @@ class Evaluate(GroveTask):
         log.info("%s evaluation:\n%s", self.dataset, stages.format_results(rows, self.cfg["evaluate"]["k"]))
         ref = self.output().ref
         stub = {"dataset": self.dataset, "stage": self.stage, "version": ref.version, "params": self.stage_params(),
-                "parents": {name: parent.key for name, parent in self.parent_refs().items()}}
+                "parents": {name: parent.key for name, parent in self.parent_refs().items()},
+                "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         stages.write_report(grove().artifact_root(), tmp, stub, self.report)
         return out
 
