@@ -221,7 +221,8 @@ def write_forest(cfg: dict, split: Path, out: Path, n_trees: int, n_threads: int
 
 def embedding_quality(cfg: dict, embedded: Path, split: Path, exact: Path) -> dict:
     """How good the embedding itself is: word similarity and analogies for word vectors; for labelled
-    items, label precision@10 (the share of each query's 10 exact nearest base items with its label)."""
+    items, label precision@10 (the share of each query's 10 exact nearest base items with its label)
+    and, for a trained CNN, its classifier's test accuracy."""
     if cfg["dataset"]["kind"] == "word2vec":
         from .wordeval import evaluate_word_embedding
 
@@ -232,7 +233,12 @@ def embedding_quality(cfg: dict, embedded: Path, split: Path, exact: Path) -> di
     if (base_labels < 0).all():
         return {}
     neighbors = np.load(exact / "neighbors.npy", mmap_mode="r")[:, :10]
-    return {"label_precision_at_10": float((base_labels[neighbors] == query_labels[:, None]).mean())}
+    quality = {"label_precision_at_10": float((base_labels[neighbors] == query_labels[:, None]).mean())}
+    train = read_manifest(embedded, verify="none")["parents"].get("train")
+    if train:  # a learned embedding: its classifier's accuracy on the test split
+        quality["classifier_test_accuracy"] = read_manifest(embedded.parents[2] / train, verify="none")["metrics"][
+            "test_accuracy"]
+    return quality
 
 
 def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests: dict[int, Path], out: Path,

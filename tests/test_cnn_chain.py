@@ -35,3 +35,5 @@ def test_mnist_like_cnn_chain(tiny_mnist):
     assert set(embed_manifest["parents"]) == {"decode", "train"}
     results = json.loads((root / "evaluate" / "latest" / "results.json").read_text())
     assert results["metric"] == "angular" and results["quality"]["label_precision_at_10"] > 0.5
+    assert results["quality"]["classifier_test_accuracy"] == train["metrics"]["test_accuracy"]
+    assert "classifier test accuracy" in (root / "evaluate" / "latest" / "report.html").read_text()
