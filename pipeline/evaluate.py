@@ -29,13 +29,6 @@ def recall_at_k(found_dists: np.ndarray, true_dists: np.ndarray, k: int, epsilon
     return (found <= threshold).sum(axis=1) / float(k)
 
 
-def id_recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray, k: int) -> np.ndarray:
-    """Per-query fraction of the true k nearest ids that were returned. (nq,) float64."""
-    return np.array(
-        [len(np.intersect1d(f[:k], t[:k])) / float(k) for f, t in zip(found_ids, true_ids)], dtype=np.float64
-    )
-
-
 def time_single_queries(query_one: Callable[[np.ndarray], object], queries: np.ndarray, repeats: int = 1) -> float:
     """Queries per second of ``query_one`` called once per query row, best of ``repeats`` passes."""
     best = float("inf")

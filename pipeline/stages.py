@@ -121,16 +121,15 @@ def write_embed(cfg: dict, decoded: Path, out: Path, report: Report = _quiet, tr
         vectors = embed_with_model(cfg, items, trained / "model", features, threads, report)
         meta["backbone"] = cfg["train"]["backbone"]
         meta["item_shape"] = meta.pop("image_shape", None)  # the rows are no longer images
-        n = write_vectors(out / "vectors.arrow", vectors, items.keys, items.labels, list(items.splits), meta=meta)
-        return {"rows": {"vectors": n}, "dim": int(vectors.shape[1])}
-    vectors = np.empty(items.vectors.shape, dtype=np.float32)
-    step = 8192
-    for start in range(0, len(items), step):
-        block = items.vectors[start : start + step]
-        if emb["model"] == "normalized":
-            block = normalize_rows(block)
-        np.multiply(block, np.float32(emb["scale"]), out=vectors[start : start + step])
-        report(min(1.0, (start + step) / len(items)), f"embedded {min(start + step, len(items))} items")
+    else:
+        vectors = np.empty(items.vectors.shape, dtype=np.float32)
+        step = 8192
+        for start in range(0, len(items), step):
+            block = items.vectors[start : start + step]
+            if emb["model"] == "normalized":
+                block = normalize_rows(block)
+            np.multiply(block, np.float32(emb["scale"]), out=vectors[start : start + step])
+            report(min(1.0, (start + step) / len(items)), f"embedded {min(start + step, len(items))} items")
     n = write_vectors(out / "vectors.arrow", vectors, items.keys, items.labels, list(items.splits), meta=meta)
     return {"rows": {"vectors": n}, "dim": int(vectors.shape[1])}
 
@@ -274,6 +273,7 @@ def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests:
     summary = {"k": k, "n_queries": int(len(queries)), "n_timed": int(min(ev["n_queries"], len(queries))),
                "metric": cfg["embed"]["metric"], "rows": table.to_pylist(), "quality": quality}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("%s evaluation:\n%s", cfg["dataset"]["name"], format_results(summary["rows"], k))
     metrics = {"best_recall": max(r["recall"] for r in rows if r["n_trees"])}
     if "label_precision_at_10" in quality:
         metrics["label_precision_at_10"] = round(quality["label_precision_at_10"], 4)
@@ -287,11 +287,11 @@ def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests:
 def _item_images(root: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray, list] | None:
     """(query images, base images, image shape) from the decode stage, when the embedded vectors are not
     images themselves (a CNN bottleneck) but the items are."""
-    embed_dir = root / manifest["parents"]["embed"]
-    embed_manifest = read_manifest(embed_dir, verify="none")
-    decode_dir = root / embed_manifest["parents"]["decode"]
-    items = read_vectors(decode_dir / "items.arrow")
-    if "image_shape" not in items.meta or embed_manifest["params"].get("model") != "cnn":
+    embed_manifest = read_manifest(root / manifest["parents"]["embed"], verify="none")
+    if embed_manifest["params"].get("model") != "cnn":
+        return None  # pixels are their own pictures; words have none: the items need not be read
+    items = read_vectors(root / embed_manifest["parents"]["decode"] / "items.arrow")
+    if "image_shape" not in items.meta:
         return None
     row = {key: i for i, key in enumerate(items.keys)}
     split_dir = root / manifest["parents"]["split"]

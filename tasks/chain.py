@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -12,8 +10,6 @@ import luigi
 from pipeline import learned, stages
 
 from .base import GroveTask, grove
-
-log = logging.getLogger("luigi-interface")
 
 
 class Fetch(GroveTask):
@@ -132,8 +128,6 @@ class Evaluate(GroveTask):
                    if isinstance(task, Forest)}
         out = stages.write_evaluate(self.cfg, self.parent_path("embed"), self.parent_path("split"),
                                     self.parent_path("exact"), forests, tmp, self.report)
-        rows = json.loads((tmp / "results.json").read_text())["rows"]
-        log.info("%s evaluation:\n%s", self.dataset, stages.format_results(rows, self.cfg["evaluate"]["k"]))
         ref = self.output().ref
         stub = {"dataset": self.dataset, "stage": self.stage, "version": ref.version, "params": self.stage_params(),
                 "parents": {name: parent.key for name, parent in self.parent_refs().items()},

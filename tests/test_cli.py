@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
-import pytest
 
 from conftest import REPO
 from pipeline import artifacts
@@ -75,8 +75,6 @@ def test_damaged_embedding_is_caught_and_rebuild_repairs_it(tiny_mnist, capsys):
     (embed / "vectors.arrow").write_bytes(bytes(data))
     for stage in ("split", "evaluate"):  # make the children run again, so they read the damaged parent
         for version in (tiny_mnist["root"] / "tinymnist" / stage).glob("v1-*"):
-            import shutil
-
             shutil.rmtree(version)
     capsys.readouterr()
     assert grove(["run", "tinymnist"]) == 1  # Split refuses to read the damaged vectors
