@@ -63,3 +63,19 @@ def test_invalid_toml(tmp_path):
     path.write_text("[dataset\nname = 1")
     with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
         load_config_file(path)
+
+
+def test_cnn_embedding_needs_images_and_angular(tiny_mnist):
+    path = _edit(tiny_mnist, 'metric = "euclidean"', 'model = "cnn"\nmetric = "euclidean"')
+    with pytest.raises(ConfigError, match=r"embed\.model = 'cnn' gives unit vectors: set embed\.metric = 'angular'"):
+        load_config_file(path)
+
+
+def test_gate_must_name_an_evaluated_setting(tiny_mnist):
+    path = tiny_mnist["config"]
+    path.write_text(path.read_text() + "\n[gate]\nmin_recall = 0.9\nn_trees = 7\n")
+    with pytest.raises(ConfigError, match=r"gate\.n_trees = 7 is not one of forest\.n_trees"):
+        load_config_file(path)
+    path.write_text(path.read_text().replace("n_trees = 7", "search_k = 123"))
+    with pytest.raises(ConfigError, match=r"gate\.search_k = 123 is not one of evaluate\.search_k"):
+        load_config_file(path)
