@@ -9,11 +9,17 @@ Array layout of a forest (global over all trees; see ``pipeline/forest.py`` for 
   ``angular``, raw for ``euclidean``/``manhattan``, and for ``dot`` the raw row plus one extra column
   ``sqrt(M^2 - |x|^2)`` (M = the largest norm) so that every row has norm M and the trees can split
   by angle (maximum inner product reduced to angular search for the tree walk).
-- ``planes``   (S, dv) int8 and ``plane_coefs`` (S, 2) float32 = (scale, offset): split node s sends
-  x to its right child when its margin ``scale * <planes[s], x> + offset`` is > 0. The unit normal
-  is stored quantised to int8 (a quarter of the bytes of float32; the split is a heuristic, and the
-  build assigns sides with the same quantised plane that queries use). An all-zero plane marks a
-  random split.
+- ``split_basis`` (P, dv) float32: orthonormal rows (top principal directions of a sample of the
+  rows) spanning the split space; a query's split coordinates are ``y = split_basis @ x``. With
+  P == 0 (small dv, or a version 1 index) the split space is the rows themselves (y = x).
+- ``item_codes`` (n, P) uint8 and ``code_coefs`` (2, P) float32 = (scale, min): each item's split
+  coordinates to within half a code step (``code * scale + min``); the query's lower bound on an
+  item's distance reads only these P bytes (empty when P == 0).
+- ``planes``   (S, P or dv) int8 and ``plane_coefs`` (S, 2) float32 = (scale, offset): split node s
+  sends x to its right child when its margin ``scale * <planes[s], y> + offset`` is > 0. The unit
+  normal is stored quantised to int8 (a quarter of the bytes of float32; the split is a heuristic,
+  and the build assigns sides with the same quantised plane that queries use). An all-zero plane
+  marks a random split.
 - ``children`` (S, 2) int32: a child code ``c >= 0`` is split node ``c``; ``c < 0`` is leaf ``-c - 1``.
 - ``roots``    (n_trees,) int32: child code of each tree's root.
 - ``leaf_offsets`` (L + 1,) int64 and ``leaf_items`` (n_trees * n,) int32: leaf l holds the item ids
@@ -112,35 +118,6 @@ def _l1dist(a, b):
     for j in range(a.shape[0]):
         s += abs(a[j] - b[j])
     return s
-
-
-@njit(cache=True, nogil=True, fastmath=True)
-def _sqdist_bounded(q, x, bound, block_order):
-    """Squared L2 summed block by block in ``block_order`` (most varying dimensions first, so a
-    far candidate is dropped after few blocks); stops early, returning a value > bound, once the
-    partial sum passes bound. The blocks are always summed in the same order."""
-    d = q.shape[0]
-    total = np.float32(0.0)
-    for bi in block_order:
-        j0 = bi * _BLOCK
-        j1 = min(j0 + _BLOCK, d)
-        total += _sqdist(q[j0:j1], x[j0:j1])
-        if total > bound:
-            return total
-    return total
-
-
-@njit(cache=True, nogil=True, fastmath=True)
-def _l1dist_bounded(q, x, bound, block_order):
-    d = q.shape[0]
-    total = np.float32(0.0)
-    for bi in block_order:
-        j0 = bi * _BLOCK
-        j1 = min(j0 + _BLOCK, d)
-        total += _l1dist(q[j0:j1], x[j0:j1])
-        if total > bound:
-            return total
-    return total
 
 
 @njit(cache=True, nogil=True)
@@ -518,14 +495,7 @@ def build_tree(vecs, codes, code_scale, code_min, metric, leaf_size, seed, n_ite
 
 @njit(cache=True, nogil=True)
 def _heap_push(pri, node, size, p, c):
-    """Push (p, c) onto the max-heap (pri, node) holding ``size`` entries; returns the new arrays."""
-    if size >= pri.shape[0]:
-        g_pri = np.empty(2 * pri.shape[0], np.float32)
-        g_pri[:size] = pri[:size]
-        g_node = np.empty(2 * pri.shape[0], np.int32)
-        g_node[:size] = node[:size]
-        pri = g_pri
-        node = g_node
+    """Push (p, c) onto the max-heap (pri, node) holding ``size`` entries (the caller makes room)."""
     i = size
     while i > 0:
         parent = (i - 1) >> 1
@@ -536,7 +506,6 @@ def _heap_push(pri, node, size, p, c):
         i = parent
     pri[i] = p
     node[i] = c
-    return pri, node
 
 
 @njit(cache=True, nogil=True)
@@ -607,18 +576,74 @@ def _topk_insert(kd, ki, size, k, d, item):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _angular_sq(q, x, q_zero):
+def _sqdist_row(q, vectors, item, j0, j1):
+    """Squared L2 between q[j0:j1] and vectors[item, j0:j1] (unsigned offsets: no wraparound
+    checks, so the loop vectorises)."""
+    s = np.float32(0.0)
+    u0 = np.uint64(j0)
+    for j in range(np.uint64(j1) - u0):
+        t = q[u0 + j] - vectors[item, u0 + j]
+        s += t * t
+    return s
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _l1dist_row(q, vectors, item, j0, j1):
+    s = np.float32(0.0)
+    u0 = np.uint64(j0)
+    for j in range(np.uint64(j1) - u0):
+        s += abs(q[u0 + j] - vectors[item, u0 + j])
+    return s
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _dot_row(q, vectors, item):
+    s = np.float32(0.0)
+    for j in range(q.shape[0]):
+        s += q[j] * vectors[item, j]
+    return s
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _angular_sq_row(q, vectors, item, q_zero):
     """Squared angular distance 2 - 2cos of unit (or all-zero) rows, as ||q - x||^2 so that
     identical rows give exactly 0; 2 when either row is all-zero (cosine 0 by definition)."""
     s = np.float32(0.0)
     xx = np.float32(0.0)
     for j in range(q.shape[0]):
-        t = q[j] - x[j]
+        x = vectors[item, j]
+        t = q[j] - x
         s += t * t
-        xx += x[j] * x[j]
+        xx += x * x
     if q_zero or xx < 0.5:
         return np.float32(2.0)
     return s
+
+
+@njit(cache=True, nogil=True)
+def _distance(qbuf, vectors, item, metric, bound, block_order, q_zero):
+    """The ranking distance of row ``item`` (squared for euclidean/angular, negated for dot).
+
+    Euclidean/manhattan sums run block by block in ``block_order`` (most varying dimensions first)
+    and stop, returning a value > bound, once the partial sum passes bound; the blocks are always
+    summed in the same order, so the value never depends on the stopping.
+    """
+    if metric == EUCLIDEAN or metric == MANHATTAN:
+        dv = qbuf.shape[0]
+        total = np.float32(0.0)
+        for b in range(block_order.shape[0]):
+            j0 = block_order[b] * _BLOCK
+            j1 = min(j0 + _BLOCK, dv)
+            if metric == EUCLIDEAN:
+                total += _sqdist_row(qbuf, vectors, item, j0, j1)
+            else:
+                total += _l1dist_row(qbuf, vectors, item, j0, j1)
+            if total > bound:
+                return total
+        return total
+    if metric == ANGULAR:
+        return _angular_sq_row(qbuf, vectors, item, q_zero)
+    return -_dot_row(qbuf, vectors, item)
 
 
 @njit(cache=True, nogil=True)
@@ -631,32 +656,62 @@ def _prefetch_candidate(vectors, item, block_order, pf_blocks):
             prefetch_row(vectors, item, col)
 
 
-@njit(cache=True, nogil=True)
-def _rank_candidates(qbuf, vectors, block_order, metric, k, cand, a, b, n_cand, kd, ki, found, bound,
-                     pf_blocks, ahead, q_zero):
-    """Rank cand[a:b] (item ids) into the top-k heap (kd, ki); returns (found, bound).
+@njit(cache=True, nogil=True, fastmath=True)
+def _lower_bound(lb_q, item_codes, item, scale, lb_half):
+    """A lower bound of the squared euclidean distance between the query and row ``item``.
 
-    While ranking cand[c], the first blocks of cand[c + ahead] are prefetched.
+    The split basis U (P, dv) has orthonormal rows, so ||q - x||^2 >= ||U(q - x)||^2, and each
+    projected coordinate of the item lies within half a code step of ``code * scale + min``
+    (lb_q is the projected query minus min, lb_half a little more than half a step).
+    """
+    s = np.float32(0.0)
+    for j in range(lb_q.shape[0]):
+        t = abs(lb_q[j] - np.float32(item_codes[item, j]) * scale[j]) - lb_half[j]
+        t = max(t, np.float32(0.0))
+        s += t * t
+    return s
+
+
+@njit(cache=True, nogil=True)
+def _rank(qbuf, vectors, block_order, metric, k, todo, todo_lb, a, b, n_todo, kd, ki, found, bound,
+          pf_blocks, ahead, q_zero, use_lb):
+    """Rank todo[a:b] (item ids) into the top-k heap (kd, ki); returns (found, bound).
+
+    A candidate whose lower bound (todo_lb) already exceeds the current k-th distance is skipped
+    without reading its row. While ranking todo[c], the first blocks of todo[c + ahead] are
+    prefetched.
     """
     for c in range(a, b):
-        if c + ahead < n_cand:
-            _prefetch_candidate(vectors, cand[c + ahead], block_order, pf_blocks)
-        item = cand[c]
-        x = vectors[item]
-        if metric == EUCLIDEAN:
-            dist = _sqdist_bounded(qbuf, x, bound, block_order)
-        elif metric == MANHATTAN:
-            dist = _l1dist_bounded(qbuf, x, bound, block_order)
-        elif metric == ANGULAR:
-            dist = _angular_sq(qbuf, x, q_zero)
-        else:
-            dist = -_dot(qbuf, x)
+        if c + ahead < n_todo:
+            _prefetch_candidate(vectors, todo[c + ahead], block_order, pf_blocks)
+        item = todo[c]
+        if use_lb and found == k and todo_lb[c] > _lb_limit(bound, metric):
+            continue
+        dist = _distance(qbuf, vectors, item, metric, bound, block_order, q_zero)
         if found == k and dist > bound:
             continue
         found = _topk_insert(kd, ki, found, k, dist, item)
         if found == k:
             bound = kd[0]
     return found, bound
+
+
+@njit(cache=True, nogil=True)
+def _lb_limit(bound, metric):
+    """The largest lower bound (a squared euclidean distance) a candidate may have and still beat
+    the k-th ranking distance ``bound``, with a relative margin for float rounding."""
+    if metric == MANHATTAN:
+        bound = bound * bound  # |q - x|_1 >= |q - x|_2
+    return bound * np.float32(1.0001)
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _dot_i8_row(planes, c, q):
+    """<planes[c], q> for planes (S, P) int8 and q (P,) float32."""
+    s = np.float32(0.0)
+    for j in range(q.shape[0]):
+        s += np.float32(planes[c, j]) * q[j]
+    return s
 
 
 @njit(cache=True, nogil=True)
@@ -670,20 +725,22 @@ def _prefetch_node(planes, coefs, children, c, p_lines):
 
 @njit(cache=True, nogil=True)
 def _search_one(
-    qraw, vectors, planes, coefs, children, roots, leaf_offsets, leaf_items, block_order,
-    metric, k, search_k, visited, qbuf, kd, ki, out_ids, out_dists,
+    qraw, vectors, basis, item_codes, code_coefs, planes, coefs, children, roots, leaf_offsets, leaf_items,
+    block_order, metric, k, search_k, scratch, kd, ki, out_ids, out_dists,
 ):
     """Answer one query into out_ids (k,) int64 and out_dists (k,) float32; returns the count found.
 
-    qraw (d,) float32 is the query as given; visited (n,) uint8 must be all zero on entry and is
-    all zero again on return. Candidates are collected from ONE max-heap over all trees keyed by
+    qraw (d,) float32 is the query as given; ``scratch`` comes from ``new_scratch`` (its visited
+    map is all zero on entry and again on return; nothing in it grows, see there). Candidates are collected from ONE max-heap over all trees keyed by
     the smallest margin on the path, until ``search_k`` leaf entries (duplicates included, as
     Annoy counts) have been seen and at least k distinct items are known.
 
-    Memory latency dominates: the rows of a leaf's new candidates are prefetched when the leaf is
-    popped and ranked one leaf later, so their loads overlap with the tree walk.
+    Memory latency dominates: a leaf's new candidates are first screened by a lower bound from
+    their one-line codes (when the index has a split basis), the rows of the survivors are
+    prefetched, and they are ranked one leaf later, so their loads overlap with the tree walk.
     """
     n, dv = vectors.shape
+    visited, cand, todo, todo_lb, pri, node, qbuf, qsplit = scratch
     d_in = qraw.shape[0]
     for j in range(d_in):
         qbuf[j] = qraw[j]
@@ -692,29 +749,35 @@ def _search_one(
     q_zero = False
     if metric == ANGULAR:
         q_zero = _normalize_inplace(qbuf) <= 0
+    # the walk reads the query in the split space: its coordinates in the basis, or itself
+    n_basis = basis.shape[0]
+    if n_basis > 0:
+        for r in range(n_basis):
+            qsplit[r] = _dot_row(qbuf, basis, r)
+        qw = qsplit  # (P,) when basis is (P, dv)
+    else:
+        qw = qbuf
+    # lower bounds from the item codes (euclidean distances in the basis; not for dot)
+    use_lb = n_basis > 0 and item_codes.shape[0] == n and n > 0 and metric != DOT
+    n_code = item_codes.shape[1] if use_lb else 0
+    lb_q = np.empty(n_code, np.float32)
+    lb_half = np.empty(n_code, np.float32)
+    for j in range(n_code):
+        lb_q[j] = qsplit[j] - code_coefs[1, j]
+        lb_half[j] = np.float32(0.505) * code_coefs[0, j]
     n_trees = roots.shape[0]
-    cap = 64
-    while cap < 4 * n_trees + 64:
-        cap *= 2
-    pri = np.empty(cap, np.float32)
-    node = np.empty(cap, np.int32)
     hsize = 0
     inf = np.float32(np.inf)
     for t in range(n_trees):
-        pri, node = _heap_push(pri, node, hsize, inf, roots[t])
+        _heap_push(pri, node, hsize, inf, roots[t])
         hsize += 1
-    n_splits = planes.shape[0]
-    n_leaves = leaf_offsets.shape[0] - 1
-    ccap = 256
-    while ccap < min(search_k, n) + 64:
-        ccap *= 2
-    cand = np.empty(ccap, np.int32)
     n_cand = 0
+    n_todo = 0
     ranked = 0
     pf_blocks = min(block_order.shape[0], 2)
     n_lines = min((dv * 4 + 63) // 64, pf_blocks * (_BLOCK // 16))
     ahead = max(4, 64 // n_lines)  # candidates prefetched ahead: about 64 lines in flight
-    p_lines = min((dv + 63) // 64, 4)
+    p_lines = min((planes.shape[1] + 63) // 64, 4)
     seen = 0
     found = 0
     bound = inf
@@ -726,46 +789,41 @@ def _search_one(
         # Walk down from the popped node while the nearer child would be the next node popped
         # anyway (its priority is at least the heap's top): the same visiting order as pushing and
         # popping it, without the two heap operations. The farther child is always pushed.
-        corrupt = False
+        # (child codes are in range and form trees: check_structure runs on every loaded index)
         while c >= 0:
-            if c >= n_splits:
-                corrupt = True  # corrupt child code: skip rather than read out of bounds
-                break
-            m = coefs[c, 0] * _dot_i8(planes[c], qbuf) + coefs[c, 1]
+            c0 = children[c, 0]
+            c1 = children[c, 1]
+            # both children are known before the margin: start loading them now, so the one
+            # walked next is (partly) on its way while the plane product runs
+            if c0 >= 0:
+                _prefetch_node(planes, coefs, children, c0, p_lines)
+            if c1 >= 0:
+                _prefetch_node(planes, coefs, children, c1, p_lines)
+            m = coefs[c, 0] * _dot_i8_row(planes, c, qw) + coefs[c, 1]
             if m > 0:
-                near = children[c, 1]
-                far = children[c, 0]
+                near = c1
+                far = c0
             else:
-                near = children[c, 0]
-                far = children[c, 1]
+                near = c0
+                far = c1
             am = abs(m)
-            if far >= 0 and far < n_splits:
-                _prefetch_node(planes, coefs, children, far, p_lines)
-            pri, node = _heap_push(pri, node, hsize, p if p < -am else -am, far)
+            _heap_push(pri, node, hsize, p if p < -am else -am, far)
             hsize += 1
             if am < p:
                 p = am
             if pri[0] > p:
                 # another branch is more promising: queue the nearer child and pop that one
-                if near >= 0 and near < n_splits:
-                    _prefetch_node(planes, coefs, children, near, p_lines)
-                pri, node = _heap_push(pri, node, hsize, p, near)
+                _heap_push(pri, node, hsize, p, near)
                 hsize += 1
                 break
             c = near
-        if corrupt or c >= 0:
+        if c >= 0:
             continue
         leaf = -c - 1
-        if leaf >= n_leaves:
-            continue
         a = leaf_offsets[leaf]
         b = leaf_offsets[leaf + 1]
         seen += b - a
-        if n_cand + (b - a) > cand.shape[0]:
-            grown = np.empty(2 * cand.shape[0] + (b - a), np.int32)
-            grown[:n_cand] = cand[:n_cand]
-            cand = grown
-        before = n_cand
+        new = n_cand
         for pos in range(a, b):
             item = leaf_items[pos]
             if item < 0 or item >= n or visited[item] != 0:
@@ -773,13 +831,27 @@ def _search_one(
             visited[item] = 1
             cand[n_cand] = item
             n_cand += 1
-        for c in range(before, min(n_cand, before + ahead)):
-            _prefetch_candidate(vectors, cand[c], block_order, pf_blocks)
-        found, bound = _rank_candidates(qbuf, vectors, block_order, metric, k, cand, ranked, before, n_cand,
-                                        kd, ki, found, bound, pf_blocks, ahead, q_zero)
+            if use_lb:
+                prefetch_row(item_codes, item, 0)
+        before = n_todo
+        limit = _lb_limit(bound, metric)
+        for c in range(new, n_cand):
+            item = cand[c]
+            lb = np.float32(0.0)
+            if use_lb:
+                lb = _lower_bound(lb_q, item_codes, item, code_coefs[0], lb_half)
+                if found == k and lb > limit:
+                    continue  # farther than the current k-th best: its row is never read
+            todo[n_todo] = item
+            todo_lb[n_todo] = lb
+            n_todo += 1
+        for c in range(before, min(n_todo, before + ahead)):
+            _prefetch_candidate(vectors, todo[c], block_order, pf_blocks)
+        found, bound = _rank(qbuf, vectors, block_order, metric, k, todo, todo_lb, ranked, before, n_todo,
+                             kd, ki, found, bound, pf_blocks, ahead, q_zero, use_lb)
         ranked = before
-    found, bound = _rank_candidates(qbuf, vectors, block_order, metric, k, cand, ranked, n_cand, n_cand, kd, ki,
-                                    found, bound, pf_blocks, ahead, q_zero)
+    found, bound = _rank(qbuf, vectors, block_order, metric, k, todo, todo_lb, ranked, n_todo, n_todo, kd, ki,
+                         found, bound, pf_blocks, ahead, q_zero, use_lb)
     for c in range(n_cand):
         visited[cand[c]] = 0
     # sort the k best by (distance, id): pop the max-heap from the back
@@ -816,26 +888,65 @@ def _search_one(
 
 
 @njit(cache=True, nogil=True)
-def query_one(qraw, vectors, planes, coefs, children, roots, leaf_offsets, leaf_items, block_order,
-              metric, k, search_k, visited):
+def new_scratch(n, n_nodes, dv, n_basis):
+    """Per-thread working memory of ``_search_one`` for an index of n items, n_nodes nodes (split
+    nodes plus leaves) and dv columns: (visited (n,) uint8 all zero, cand/todo (n,) int32,
+    todo_lb (n,) float32, heap priorities (n_nodes,) float32 and nodes (n_nodes,) int32, qbuf
+    (dv,) and qsplit (max(n_basis, 1),) float32).
+
+    Nothing in it ever grows: a query sees each item at most once and, as every node has exactly
+    one parent (``check_structure``), pushes each node at most once.
+    """
+    return (np.zeros(n, np.uint8), np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.float32),
+            np.empty(n_nodes, np.float32), np.empty(n_nodes, np.int32), np.empty(dv, np.float32),
+            np.empty(max(n_basis, 1), np.float32))
+
+
+@njit(cache=True, nogil=True)
+def check_structure(children, roots, n_leaves):
+    """0 if every child code and root is in range and every split node and leaf has exactly one
+    parent (the roots being the parents of the tree tops), else 1 + the first bad node
+    (split s as s, leaf l as n_splits + l). The query kernel relies on this."""
+    n_splits = children.shape[0]
+    seen = np.zeros(n_splits + n_leaves, np.uint8)
+    for i in range(roots.shape[0] + 2 * n_splits):
+        if i < roots.shape[0]:
+            c = np.int64(roots[i])
+        else:
+            j = i - roots.shape[0]
+            c = np.int64(children[j // 2, j % 2])
+        if c >= n_splits or c < -n_leaves:
+            return 1 + i  # out of range (reported as a position; the caller says which)
+        slot = c if c >= 0 else n_splits + (-c - 1)
+        if seen[slot] != 0:
+            return 1 + slot
+        seen[slot] = 1
+    for slot in range(n_splits + n_leaves):
+        if seen[slot] == 0:
+            return 1 + slot
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def query_one(qraw, vectors, basis, item_codes, code_coefs, planes, coefs, children, roots, leaf_offsets,
+              leaf_items, block_order, metric, k, search_k, scratch):
     """One query; returns (ids (found,) int64, dists (found,) float32), nearest first.
 
-    visited (n,) uint8 is all-zero scratch kept between calls (reset by each query).
+    scratch comes from ``new_scratch`` and is kept between calls (one per thread).
     """
-    dv = vectors.shape[1]
-    qbuf = np.empty(dv, np.float32)
     kd = np.empty(k, np.float32)
     ki = np.empty(k, np.int64)
     out_ids = np.empty(k, np.int64)
     out_dists = np.empty(k, np.float32)
-    found = _search_one(qraw, vectors, planes, coefs, children, roots, leaf_offsets, leaf_items, block_order,
-                        metric, k, search_k, visited, qbuf, kd, ki, out_ids, out_dists)
+    found = _search_one(qraw, vectors, basis, item_codes, code_coefs, planes, coefs, children, roots,
+                        leaf_offsets, leaf_items, block_order, metric, k, search_k, scratch, kd, ki, out_ids,
+                        out_dists)
     return out_ids[:found], out_dists[:found]
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def query_batch(queries, vectors, planes, coefs, children, roots, leaf_offsets, leaf_items, block_order,
-                metric, k, search_k, n_workers):
+def query_batch(queries, vectors, basis, item_codes, code_coefs, planes, coefs, children, roots, leaf_offsets,
+                leaf_items, block_order, metric, k, search_k, n_workers):
     """Many queries (nq, d) float32 on ``n_workers`` threads (query i goes to worker i % n_workers).
 
     Returns (ids (nq, k) int64, dists (nq, k) float32, found (nq,) int64). Each query runs the same
@@ -843,19 +954,20 @@ def query_batch(queries, vectors, planes, coefs, children, roots, leaf_offsets, 
     """
     nq = queries.shape[0]
     n, dv = vectors.shape
+    n_nodes = planes.shape[0] + leaf_offsets.shape[0] - 1
     ids = np.full((nq, k), -1, np.int64)
     dists = np.full((nq, k), np.inf, np.float32)
     found = np.zeros(nq, np.int64)
     for w in prange(n_workers):
-        visited = np.zeros(n, np.uint8)
-        qbuf = np.empty(dv, np.float32)
+        scratch = new_scratch(n, n_nodes, dv, basis.shape[0])
         kd = np.empty(k, np.float32)
         ki = np.empty(k, np.int64)
         out_ids = np.empty(k, np.int64)
         out_dists = np.empty(k, np.float32)
         for i in range(w, nq, n_workers):
-            f = _search_one(queries[i], vectors, planes, coefs, children, roots, leaf_offsets,
-                            leaf_items, block_order, metric, k, search_k, visited, qbuf, kd, ki, out_ids, out_dists)
+            f = _search_one(queries[i], vectors, basis, item_codes, code_coefs, planes, coefs, children, roots,
+                            leaf_offsets, leaf_items, block_order, metric, k, search_k, scratch, kd, ki,
+                            out_ids, out_dists)
             found[i] = f
             for j in range(f):
                 ids[i, j] = out_ids[j]

@@ -3,9 +3,12 @@
 Each tree splits space recursively by a hyperplane between two centroids found by two-means on
 sampled items (through the origin for ``angular``/``dot``, a bisecting plane with an offset for
 ``euclidean``/``manhattan``), retrying lopsided splits and falling back to a random split; a leaf
-holds at most ``leaf_size`` items. A query walks all trees with ONE priority queue ordered by the
-smallest margin on the path until ``search_k`` leaf entries have been seen, skips duplicates with a
-stamp array and ranks the candidates by exact distance (ties by the smaller item id). Distances are
+holds at most ``leaf_size`` items. For wide vectors the planes live in a low-dimensional split
+space (the top principal directions of the rows), so a plane costs ``split_dim`` bytes, and each item
+keeps one byte per split dimension that bounds its distance from below. A query walks all trees
+with ONE priority queue ordered by the smallest margin on the path until ``search_k`` leaf entries
+have been seen, skips duplicates with a stamp array, skips candidates whose lower bound is already
+past the current k-th distance, and ranks the rest by exact distance (ties by the smaller item id). Distances are
 those of ``pipeline.exact``: euclidean ``||q-x||``, manhattan ``sum|q-x|``, angular
 ``sqrt(2 - 2 cos)``, dot ``-<q, x>``.
 
@@ -39,11 +42,18 @@ from .exact import METRICS
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "grove-forest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions Forest.load reads. Version 1 (grove 0.1) had no split basis: its planes span every
+# column, and it is read with an empty basis and no item codes.
+READ_VERSIONS = (1, 2)
+_V2_ARRAYS = ("split_basis", "item_codes", "code_coefs")
 HEADER_FILE = "header.json"
 # (name, dtype) of every array file, in the order the kernels take them.
 _ARRAYS = (
     ("vectors", "<f4"),
+    ("split_basis", "<f4"),
+    ("item_codes", "|u1"),
+    ("code_coefs", "<f4"),
     ("planes", "|i1"),
     ("plane_coefs", "<f4"),
     ("children", "<i4"),
@@ -55,14 +65,51 @@ _ARRAYS = (
 
 
 def default_leaf_size(dim: int) -> int:
-    """The leaf size used when ``leaf_size=None``: ``max(192, dim // 4)``, chosen by measurement.
+    """The leaf size used when ``leaf_size=None``: 192 up to 128 dimensions, 96 above.
 
-    Leaf sweeps (benchmarks/RESULTS.md): on GloVe-50 single-thread QPS at recall 0.90/0.95 was best
-    at 192 (10 trees: within noise of 96-384; 100 trees: about 18% above 96). On MNIST-784 smaller
-    leaves were faster, but below about 150 items the split planes (one int8 row each) push the
-    index past Annoy's size; ``dim // 4`` keeps the plane bytes bounded for large dimensions.
+    Measured (benchmarks/RESULTS.md, leaf sweep and development runs against Annoy in one process):
+    on GloVe-50 192 was a little faster than 96 at recall 0.90/0.95; on MNIST-784 48, 64 and 96
+    gave the same QPS within noise at 10-100 trees, and 96 keeps the index smallest.
     """
-    return int(max(192, dim // 4))
+    return 192 if dim <= 128 else 96
+
+
+def default_split_dim(dv: int) -> int:
+    """Columns of the split space when ``split_dim=None``: none (the planes use every column) up to
+    32 dimensions, 32 up to 128, else 64.
+
+    The item codes the query's lower bound reads are one byte per split dimension, so 32 and 64
+    keep each item's codes within one cache line. Measured on GloVe-50 (10 trees, recall ~0.90):
+    32 was about 3x faster than the full 50 columns, 24/40/48 were slower than 32; on MNIST-784 64
+    gave higher recall per search_k than 32 or 48 at the same speed.
+    """
+    if dv <= 32:
+        return dv
+    return 32 if dv <= 128 else 64
+
+
+def _split_basis(data: np.ndarray, metric: str, split_dim: int, seed: int) -> np.ndarray:
+    """(P, dv) float32 orthonormal rows: the top principal directions of a sample of the rows
+    (about the mean for euclidean/manhattan, about the origin for angular/dot, whose planes pass
+    through it); (0, dv) when the planes use every column."""
+    n, dv = data.shape
+    if split_dim >= dv:
+        return np.zeros((0, dv), np.float32)
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, size=min(n, 16384), replace=False))
+    sample = data[rows].astype(np.float64)
+    _, vecs = np.linalg.eigh(sample.T @ sample)
+    basis = vecs[:, ::-1][:, :split_dim].T
+    flip = np.sign(basis[np.arange(split_dim), np.argmax(np.abs(basis), axis=1)])
+    return np.ascontiguousarray(basis * flip[:, None], dtype=np.float32)
+
+
+def _bound_arrays(basis: np.ndarray, codes: np.ndarray, code_scale: np.ndarray, code_min: np.ndarray) -> dict:
+    """item_codes (n, P) uint8 and code_coefs (2, P) float32 (scale, min): the per-item codes of
+    the projected rows that the query's lower bound reads; (0, 0) and (2, 0) without a basis."""
+    if basis.shape[0] == 0:
+        return {"item_codes": np.zeros((0, 0), np.uint8), "code_coefs": np.zeros((2, 0), np.float32)}
+    return {"item_codes": codes, "code_coefs": np.stack([code_scale, code_min]).astype(np.float32)}
 
 
 def _all_cores() -> int:
@@ -111,8 +158,8 @@ class Forest:
         self._seed = int(seed)
         self._n_items = int(arrays["vectors"].shape[0])
         self._kargs = tuple(np.asarray(arrays[name]) for name, _ in _ARRAYS)
-        # (n,) uint8 all-zero scratch of the single-query kernel, one per Python thread (the kernel
-        # releases the GIL, so threads may query one forest at the same time)
+        # working memory of the single-query kernel (_k.new_scratch), one per Python thread (the
+        # kernel releases the GIL, so threads may query one forest at the same time)
         self._local = threading.local()
 
     dim = property(lambda self: self._dim, doc="Dimension of the vectors (int).")
@@ -143,6 +190,7 @@ class Forest:
         leaf_size: int | None = None,
         seed: int = 0,
         n_threads: int = 1,
+        split_dim: int | None = None,
     ) -> "Forest":
         """Build a forest over ``vectors`` (n, dim), any real dtype (used as float32).
 
@@ -151,6 +199,12 @@ class Forest:
         ``leaf_size=None`` picks ``default_leaf_size(dim)``. Trees are built on ``n_threads``
         threads (0 = all cores); tree t uses its own seed derived from ``seed``, so the arrays are
         byte-identical for any thread count.
+
+        The split planes live in a ``split_dim``-dimensional space spanned by the top principal
+        directions of a sample of the rows (``split_dim=None`` picks ``default_split_dim``; a
+        value >= the vector width keeps every column). Each item then also carries one byte per
+        split dimension, from which a query bounds its distance from below and skips the rows that
+        cannot enter the top k (exact: the answers are those of ranking every candidate).
         """
         if metric not in METRICS:
             raise ConfigError(f"unknown metric {metric!r}: expected one of {', '.join(METRICS)}")
@@ -167,6 +221,8 @@ class Forest:
             raise ConfigError(f"seed must be an integer >= 0; got {seed!r}")
         if x.shape[0] >= 2**31 - 1:
             raise ConfigError(f"at most 2**31 - 2 items fit an index; got {x.shape[0]}")
+        if split_dim is not None and (not isinstance(split_dim, (int, np.integer)) or split_dim < 1):
+            raise ConfigError(f"split_dim must be an integer >= 1 or None; got {split_dim!r}")
         threads = _thread_count(n_threads, "Forest.build")
         if metric in ("euclidean", "manhattan"):
             # read the caller's rows in place when they are already float32 and contiguous (like a
@@ -185,10 +241,14 @@ class Forest:
         code = _k.METRIC_CODES[metric]
         tree_seeds = np.random.SeedSequence(int(seed)).generate_state(int(n_trees), dtype=np.uint64)
         t0 = time.perf_counter()
-        codes, code_scale, code_min = _k.byte_codes(data)
+        if split_dim is None:
+            split_dim = default_split_dim(data.shape[1])
+        basis = _split_basis(data, metric, int(split_dim), int(seed))
+        split_data = data if basis.shape[0] == 0 else np.ascontiguousarray(data @ basis.T, dtype=np.float32)
+        codes, code_scale, code_min = _k.byte_codes(split_data)
 
         def one(t):
-            return _k.build_tree(data, codes, code_scale, code_min, code, int(leaf_size), tree_seeds[t],
+            return _k.build_tree(split_data, codes, code_scale, code_min, code, int(leaf_size), tree_seeds[t],
                                  _k.TWO_MEANS_ITERATIONS)
 
         if threads == 1:
@@ -196,7 +256,11 @@ class Forest:
         else:
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 trees = list(pool.map(one, range(n_trees)))
-        arrays = cls._assemble(data, trees, n)
+        arrays = cls._assemble(data, trees, n, split_data.shape[1])
+        arrays["split_basis"] = basis
+        arrays.update(_bound_arrays(basis, codes, code_scale, code_min))
+        for name in ("split_basis", "item_codes", "code_coefs"):
+            arrays[name].flags.writeable = False
         arrays["block_order"] = _block_order(data, metric)
         arrays["block_order"].flags.writeable = False
         log.info(
@@ -207,7 +271,7 @@ class Forest:
         return cls(arrays, dim=x.shape[1], metric=metric, n_trees=n_trees, leaf_size=leaf_size, seed=seed)
 
     @staticmethod
-    def _assemble(data: np.ndarray, trees: list, n: int) -> dict:
+    def _assemble(data: np.ndarray, trees: list, n: int, dv: int) -> dict:
         """Concatenate per-tree arrays (tree-local numbering) into the global layout."""
         n_split = np.array([t[1].shape[0] for t in trees], dtype=np.int64)
         n_leaf = np.array([t[4].shape[0] - 1 for t in trees], dtype=np.int64)
@@ -218,7 +282,6 @@ class Forest:
             codes = np.asarray(codes, dtype=np.int64)
             return np.where(codes >= 0, codes + split_base[t], codes - leaf_base[t])
 
-        dv = data.shape[1]
         arrays = {
             "vectors": data,
             "planes": np.concatenate([t[1] for t in trees]).astype(np.int8).reshape(-1, dv),
@@ -262,10 +325,13 @@ class Forest:
                 f"query vector has shape {q.shape}, expected ({self._dim},) for this {self._metric} index"
             )
         k, search_k = self._check_k(k, search_k)
-        visited = getattr(self._local, "visited", None)
-        if visited is None:
-            visited = self._local.visited = np.zeros(self._n_items, np.uint8)
-        ids, dists = _k.query_one(q, *self._kargs, self._code, k, search_k, visited)
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            a = self._arrays
+            n_nodes = a["planes"].shape[0] + a["leaf_offsets"].shape[0] - 1
+            scratch = self._local.scratch = _k.new_scratch(
+                self._n_items, n_nodes, a["vectors"].shape[1], a["split_basis"].shape[0])
+        ids, dists = _k.query_one(q, *self._kargs, self._code, k, search_k, scratch)
         return (ids, dists) if include_distances else ids
 
     def query_item(self, i: int, k: int = 10, search_k: int | None = None, include_distances: bool = False):
@@ -328,6 +394,7 @@ class Forest:
             "leaf_size": self._leaf_size,
             "seed": self._seed,
             "n_items": self._n_items,
+            "split_dim": int(self._arrays["split_basis"].shape[0]),
             "arrays": files,
         }
         (out / HEADER_FILE).write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
@@ -360,7 +427,13 @@ class Forest:
                 "the vectors and the index come from different embeddings: rebuild the index"
             )
         arrays = {}
+        if header["format_version"] == 1:  # no split basis: the planes span every column
+            dv = header["dim"] + 1 if header["metric"] == "dot" else header["dim"]
+            arrays["split_basis"] = np.zeros((0, dv), np.float32)
+            arrays.update(_bound_arrays(arrays["split_basis"], None, None, None))
         for name, dtype in _ARRAYS:
+            if name in arrays:
+                continue
             spec = header["arrays"].get(name)
             if not isinstance(spec, dict) or not {"file", "shape", "dtype"} <= spec.keys():
                 raise IndexFormatError(f"{root / HEADER_FILE}: no valid entry for array {name!r}; rebuild the index")
@@ -403,13 +476,13 @@ def _read_header(root: Path) -> dict:
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise IndexFormatError(f"{path}: format is {header.get('format') if isinstance(header, dict) else None!r}, "
                                f"expected {FORMAT_NAME!r}; this is not a grove forest index")
-    if header.get("format_version") != FORMAT_VERSION:
+    if header.get("format_version") not in READ_VERSIONS:
         raise IndexFormatError(
-            f"{path}: format version {header.get('format_version')!r}, this grove ({__version__}) reads version "
-            f"{FORMAT_VERSION}; rebuild the index with this grove or use the grove that wrote it "
+            f"{path}: format version {header.get('format_version')!r}, this grove ({__version__}) reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}; rebuild the index with this grove or use the grove that wrote it "
             f"({header.get('grove_version')!r})"
         )
-    ints = ("dim", "n_trees", "leaf_size", "seed", "n_items")
+    ints = ("dim", "n_trees", "leaf_size", "seed", "n_items") + (("split_dim",) if header["format_version"] >= 2 else ())
     for key in ints:
         if not isinstance(header.get(key), int) or isinstance(header.get(key), bool) or header[key] < 0:
             raise IndexFormatError(f"{path}: {key} is {header.get(key)!r}, expected a non-negative integer; "
@@ -426,14 +499,17 @@ def _check_structure(root: Path, header: dict, arrays: dict) -> None:
     """Shapes agree with the header and with each other; small arrays hold in-range codes.
 
     leaf_items (n_trees * n) is not scanned here (that would read it all); the query kernel skips
-    out-of-range ids instead of reading out of bounds.
+    out-of-range ids instead of reading out of bounds. children and roots are read in full
+    (they are small next to the vectors).
     """
     n, d, t = header["n_items"], header["dim"], header["n_trees"]
     dv = d + 1 if header["metric"] == "dot" else d
+    p = header.get("split_dim", 0)
     s = arrays["planes"].shape[0]
     n_leaves = arrays["leaf_offsets"].shape[0] - 1
     expected = {
-        "vectors": (n, dv), "planes": (s, dv), "plane_coefs": (s, 2), "children": (s, 2), "roots": (t,),
+        "vectors": (n, dv), "split_basis": (p, dv), "item_codes": (n, p) if p else (0, 0), "code_coefs": (2, p),
+        "planes": (s, p or dv), "plane_coefs": (s, 2), "children": (s, 2), "roots": (t,),
         "leaf_items": (t * n,),
         "block_order": (-(-dv // _k.BLOCK),),
     }
@@ -451,8 +527,9 @@ def _check_structure(root: Path, header: dict, arrays: dict) -> None:
     if not np.array_equal(np.sort(order), np.arange(order.shape[0])):
         raise IndexFormatError(f"{root / 'block_order.npy'}: not a permutation of 0..{order.shape[0] - 1}; "
                                "the file is corrupt: rebuild the index")
-    for name in ("children", "roots"):
-        c = np.asarray(arrays[name])
-        if c.size and (c.max() >= s or c.min() < -n_leaves):
-            raise IndexFormatError(f"{root / (name + '.npy')}: node codes outside [-{n_leaves}, {s}); "
-                                   "the file is corrupt: rebuild the index")
+    # the query kernel relies on this (it reads child codes unchecked and sizes its heap by it)
+    if _k.check_structure(np.asarray(arrays["children"]), np.asarray(arrays["roots"]), n_leaves):
+        raise IndexFormatError(
+            f"{root / 'children.npy'}, {root / 'roots.npy'}: the node codes do not form {t} trees over {s} split "
+            f"nodes and {n_leaves} leaves (a code out of range, or a node with no or several parents); "
+            "the file is corrupt: rebuild the index")

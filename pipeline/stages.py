@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 Report = Callable[[float, str], None]
 
-FORMATS = {"fetch": 1, "decode": 1, "features": 1, "train": 1, "embed": 1, "split": 1, "exact": 1, "forest": 1,
+FORMATS = {"fetch": 1, "decode": 1, "features": 1, "train": 1, "embed": 1, "split": 1, "exact": 1, "forest": 2,
            "evaluate": 1}
 
 

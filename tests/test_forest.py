@@ -1,7 +1,9 @@
 """Tests of the tree-forest index (pipeline/forest.py).
 
-The golden index in tests/data/golden_forest/ is committed; regenerate it only on purpose (a format
-change) with ``python tests/test_forest.py --write-golden`` and say so in the commit.
+The golden indexes under tests/data/ are committed: golden_forest/ was written by format version 1
+(grove 0.1, no split basis) and must keep loading with the same answers; golden_forest_v2/ is the
+current format. Regenerate the current one only on purpose (a format change) with
+``python tests/test_forest.py --write-golden`` and say so in the commit.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pipeline.errors import ConfigError, IndexFormatError, IndexMismatchError
 from pipeline.exact import exact_neighbors, normalize_rows, pairwise_distances
 from pipeline.forest import Forest
 
-GOLDEN = Path(__file__).parent / "data" / "golden_forest"
+GOLDEN_V1 = Path(__file__).parent / "data" / "golden_forest"
+GOLDEN = Path(__file__).parent / "data" / "golden_forest_v2"
 METRICS = ("angular", "euclidean", "manhattan", "dot")
 
 
@@ -102,11 +105,14 @@ def test_distance_definitions_by_hand():
 # ------------------------------------------------------------------------------ determinism
 
 
-def test_same_seed_identical_arrays_for_1_and_2_threads():
+@pytest.mark.parametrize("split_dim", [None, 5])
+def test_same_seed_identical_arrays_for_1_and_2_threads(split_dim):
     x = seeded_data(1500)
-    a = Forest.build(x, metric="euclidean", n_trees=6, leaf_size=16, seed=3, n_threads=1).arrays()
-    b = Forest.build(x, metric="euclidean", n_trees=6, leaf_size=16, seed=3, n_threads=2).arrays()
-    c = Forest.build(x, metric="euclidean", n_trees=6, leaf_size=16, seed=4, n_threads=2).arrays()
+    kw = dict(metric="euclidean", n_trees=6, leaf_size=16, split_dim=split_dim)
+    a = Forest.build(x, seed=3, n_threads=1, **kw).arrays()
+    b = Forest.build(x, seed=3, n_threads=2, **kw).arrays()
+    c = Forest.build(x, seed=4, n_threads=2, **kw).arrays()
+    assert a["split_basis"].shape[0] == (5 if split_dim else 0)
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
@@ -129,14 +135,15 @@ def test_build_does_not_modify_the_input(metric):
 # ------------------------------------------------------------------------------ quality
 
 
+@pytest.mark.parametrize("split_dim", [None, 8])
 @pytest.mark.parametrize("metric", METRICS)
-def test_recall_against_exact_search(metric):
+def test_recall_against_exact_search(metric, split_dim):
     x = seeded_data(2000)
     rng = np.random.default_rng(11)
     queries = np.concatenate([x[rng.integers(0, len(x), 40)] + rng.normal(0, 0.3, (40, x.shape[1])), x[[10, 500]]])
     queries = queries.astype(np.float32)
     k = 10
-    forest = Forest.build(x, metric=metric, n_trees=10, leaf_size=24, seed=5)
+    forest = Forest.build(x, metric=metric, n_trees=10, leaf_size=24, seed=5, split_dim=split_dim)
     ids, dists = forest.query_batch(queries, k=k, search_k=600, include_distances=True)
     _, true_d = exact_neighbors(x, queries, k, metric)
     found_d = true_distances(x, queries, ids, metric)
@@ -148,6 +155,43 @@ def test_recall_against_exact_search(metric):
     # more search, more recall: the exhaustive search is exact
     ids_all, d_all = forest.query_batch(queries, k=k, search_k=exhaustive(forest, k), include_distances=True)
     assert recall_at_k(true_distances(x, queries, ids_all, metric), true_d, k) == 1.0
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_lower_bound_skips_never_change_the_answer(metric):
+    """The item-code lower bound only skips candidates that cannot enter the top k: the same index
+    with its codes removed (every candidate ranked) gives identical ids and distances."""
+    x = seeded_data(1500, dim=40, seed=3)
+    rng = np.random.default_rng(1)
+    q = np.concatenate([x[rng.integers(0, len(x), 30)] + rng.normal(0, 0.5, (30, 40)), x[[10, 500]],
+                        np.zeros((1, 40))]).astype(np.float32)
+    forest = Forest.build(x, metric=metric, n_trees=6, leaf_size=20, seed=2, split_dim=6)
+    arrays = forest.arrays()
+    assert arrays["split_basis"].shape == (6, x.shape[1] + (metric == "dot"))
+    assert arrays["item_codes"].shape == (len(x), 6)
+    plain = dict(arrays, item_codes=np.zeros((0, 0), np.uint8), code_coefs=np.zeros((2, 0), np.float32))
+    unbounded = Forest(plain, dim=40, metric=metric, n_trees=6, leaf_size=20, seed=2)
+    for search_k in (50, 400, exhaustive(forest, 10)):
+        a_ids, a_d = forest.query_batch(q, 10, search_k, include_distances=True)
+        b_ids, b_d = unbounded.query_batch(q, 10, search_k, include_distances=True)
+        assert a_ids.tolist() == b_ids.tolist() and a_d.tobytes() == b_d.tobytes()
+    _, truth_d = exact_neighbors(x, q, 10, metric)
+    found_d = true_distances(x, q, a_ids, metric)
+    assert recall_at_k(found_d, truth_d, 10) == 1.0  # exhaustive search with bounds is exact
+
+
+def test_default_split_space():
+    from pipeline.forest import default_split_dim
+
+    assert default_split_dim(20) == 20 and default_split_dim(50) == 32 and default_split_dim(784) == 64
+    wide = Forest.build(seeded_data(400, dim=70), metric="angular", n_trees=2)
+    assert wide.arrays()["split_basis"].shape == (32, 70)
+    basis = np.asarray(wide.arrays()["split_basis"], np.float64)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(32), atol=1e-5)  # orthonormal rows
+    narrow = Forest.build(seeded_data(400, dim=12), metric="angular", n_trees=2)
+    assert narrow.arrays()["split_basis"].shape == (0, 12) and narrow.arrays()["planes"].shape[1] == 12
+    with pytest.raises(ConfigError, match="split_dim"):
+        Forest.build(seeded_data(50), split_dim=0)
 
 
 def test_more_trees_or_search_k_do_not_lower_recall():
@@ -163,10 +207,11 @@ def test_more_trees_or_search_k_do_not_lower_recall():
 # ------------------------------------------------------------------------------ query API
 
 
+@pytest.mark.parametrize("split_dim", [None, 4])
 @pytest.mark.parametrize("metric", METRICS)
-def test_query_and_query_batch_identical(metric):
+def test_query_and_query_batch_identical(metric, split_dim):
     x = seeded_data(1200)
-    forest = Forest.build(x, metric=metric, n_trees=5, leaf_size=20, seed=9)
+    forest = Forest.build(x, metric=metric, n_trees=5, leaf_size=20, seed=9, split_dim=split_dim)
     q = np.concatenate([x[:25] * 1.1, np.zeros((1, x.shape[1]), np.float32)])
     for n_threads in (1, 2, 0):
         bi, bd = forest.query_batch(q, k=7, search_k=150, n_threads=n_threads, include_distances=True)
@@ -241,9 +286,10 @@ def test_attributes_and_argument_errors():
 # ------------------------------------------------------------------------------ files
 
 
-def test_save_load_round_trip(tmp_path):
+@pytest.mark.parametrize("split_dim", [None, 4])
+def test_save_load_round_trip(tmp_path, split_dim):
     x = seeded_data(900)
-    forest = Forest.build(x, metric="angular", n_trees=5, leaf_size=16, seed=8)
+    forest = Forest.build(x, metric="angular", n_trees=5, leaf_size=16, seed=8, split_dim=split_dim)
     forest.save(tmp_path / "idx")
     header = json.loads((tmp_path / "idx" / "header.json").read_text())
     assert {"dim", "metric", "n_trees", "leaf_size", "seed", "n_items", "format_version", "grove_version"} <= header.keys()
@@ -265,16 +311,17 @@ def make_golden(directory: Path) -> None:
     x[7] = 0.0
     x[8] = x[9]
     q = rng.normal(size=(6, 5)).astype(np.float32)
-    forest = Forest.build(x, metric="euclidean", n_trees=4, leaf_size=8, seed=42)
+    forest = Forest.build(x, metric="euclidean", n_trees=4, leaf_size=8, seed=42, split_dim=3)
     forest.save(directory)
     ids, dists = forest.query_batch(q, k=5, search_k=40, include_distances=True)
     expected = {"queries": q.tolist(), "k": 5, "search_k": 40, "ids": ids.tolist(), "dists": dists.tolist()}
     (directory / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
 
 
-def test_golden_index_keeps_its_answers():
-    expected = json.loads((GOLDEN / "expected.json").read_text())
-    forest = Forest.load(GOLDEN, metric="euclidean", dim=5, verify=True)
+@pytest.mark.parametrize("golden", [GOLDEN_V1, GOLDEN], ids=["format-v1", "format-v2"])
+def test_golden_index_keeps_its_answers(golden):
+    expected = json.loads((golden / "expected.json").read_text())
+    forest = Forest.load(golden, metric="euclidean", dim=5, verify=True)
     q = np.array(expected["queries"], dtype=np.float32)
     ids, dists = forest.query_batch(q, k=expected["k"], search_k=expected["search_k"], include_distances=True)
     assert ids.tolist() == expected["ids"]
@@ -338,6 +385,14 @@ def test_out_of_range_node_codes_raise(saved):
     children[0, 0] = 10_000
     np.save(saved / "children.npy", children)
     with pytest.raises(IndexFormatError, match="children.npy"):
+        Forest.load(saved)
+
+
+def test_node_with_two_parents_raises(saved):
+    children = np.load(saved / "children.npy")
+    children[1, 0] = children[0, 0]  # the same subtree hung under two nodes (and one left orphaned)
+    np.save(saved / "children.npy", children)
+    with pytest.raises(IndexFormatError, match="do not form 4 trees"):
         Forest.load(saved)
 
 
