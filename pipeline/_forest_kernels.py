@@ -554,6 +554,14 @@ def _topk_insert(kd, ki, size, k, d, item):
         return size + 1
     if not _worse(kd[0], ki[0], d, item):
         return size
+    _topk_sift_down(kd, ki, size, d, item)
+    return size
+
+
+@njit(cache=True, nogil=True)
+def _topk_sift_down(kd, ki, size, d, item):
+    """Put (d, item) at the root of the (distance, id) max-heap kd/ki[:size] (size >= 1), whose
+    root entry is being replaced, and sift it down to its place."""
     i = 0
     while True:
         left = 2 * i + 1
@@ -570,7 +578,6 @@ def _topk_insert(kd, ki, size, k, d, item):
         i = child
     kd[i] = d
     ki[i] = item
-    return size
 
 
 
@@ -731,9 +738,10 @@ def _search_one(
     """Answer one query into out_ids (k,) int64 and out_dists (k,) float32; returns the count found.
 
     qraw (d,) float32 is the query as given; ``scratch`` comes from ``new_scratch`` (its visited
-    map is all zero on entry and again on return; nothing in it grows, see there). Candidates are collected from ONE max-heap over all trees keyed by
-    the smallest margin on the path, until ``search_k`` leaf entries (duplicates included, as
-    Annoy counts) have been seen and at least k distinct items are known.
+    map is all zero on entry and again on return; nothing in it grows, see there). Candidates are
+    collected from ONE max-heap over all trees keyed by the smallest margin on the path, until
+    ``search_k`` leaf entries (duplicates included, as Annoy counts) have been seen and at least k
+    distinct items are known.
 
     Memory latency dominates: a leaf's new candidates are first screened by a lower bound from
     their one-line codes (when the index has a split basis), the rows of the survivors are
@@ -860,25 +868,8 @@ def _search_one(
         dlast = kd[0]
         ilast = ki[0]
         size -= 1
-        d = kd[size]
-        it = ki[size]
-        i = 0
-        while True:
-            left = 2 * i + 1
-            if left >= size:
-                break
-            right = left + 1
-            child = left
-            if right < size and _worse(kd[right], ki[right], kd[left], ki[left]):
-                child = right
-            if not _worse(kd[child], ki[child], d, it):
-                break
-            kd[i] = kd[child]
-            ki[i] = ki[child]
-            i = child
-        if size > 0:
-            kd[i] = d
-            ki[i] = it
+        if size > 0:  # the last entry takes the root's place
+            _topk_sift_down(kd, ki, size, kd[size], ki[size])
         out_ids[size] = ilast
         if metric == EUCLIDEAN or metric == ANGULAR:
             out_dists[size] = np.sqrt(dlast)
@@ -888,18 +879,20 @@ def _search_one(
 
 
 @njit(cache=True, nogil=True)
-def new_scratch(n, n_nodes, dv, n_basis):
-    """Per-thread working memory of ``_search_one`` for an index of n items, n_nodes nodes (split
-    nodes plus leaves) and dv columns: (visited (n,) uint8 all zero, cand/todo (n,) int32,
+def new_scratch(vectors, basis, planes, leaf_offsets):
+    """Per-thread working memory of ``_search_one`` for the index with these arrays (n items of dv
+    columns, n_nodes = split nodes plus leaves): (visited (n,) uint8 all zero, cand/todo (n,) int32,
     todo_lb (n,) float32, heap priorities (n_nodes,) float32 and nodes (n_nodes,) int32, qbuf
-    (dv,) and qsplit (max(n_basis, 1),) float32).
+    (dv,) and qsplit (max(P, 1),) float32).
 
     Nothing in it ever grows: a query sees each item at most once and, as every node has exactly
     one parent (``check_structure``), pushes each node at most once.
     """
+    n, dv = vectors.shape
+    n_nodes = planes.shape[0] + leaf_offsets.shape[0] - 1
     return (np.zeros(n, np.uint8), np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.float32),
             np.empty(n_nodes, np.float32), np.empty(n_nodes, np.int32), np.empty(dv, np.float32),
-            np.empty(max(n_basis, 1), np.float32))
+            np.empty(max(basis.shape[0], 1), np.float32))
 
 
 @njit(cache=True, nogil=True)
@@ -953,13 +946,11 @@ def query_batch(queries, vectors, basis, item_codes, code_coefs, planes, coefs, 
     ``_search_one`` as ``query_one``, so the answers are identical to one-by-one queries.
     """
     nq = queries.shape[0]
-    n, dv = vectors.shape
-    n_nodes = planes.shape[0] + leaf_offsets.shape[0] - 1
     ids = np.full((nq, k), -1, np.int64)
     dists = np.full((nq, k), np.inf, np.float32)
     found = np.zeros(nq, np.int64)
     for w in prange(n_workers):
-        scratch = new_scratch(n, n_nodes, dv, basis.shape[0])
+        scratch = new_scratch(vectors, basis, planes, leaf_offsets)
         kd = np.empty(k, np.float32)
         ki = np.empty(k, np.int64)
         out_ids = np.empty(k, np.int64)

@@ -46,7 +46,6 @@ FORMAT_VERSION = 2
 # Versions Forest.load reads. Version 1 (grove 0.1) had no split basis: its planes span every
 # column, and it is read with an empty basis and no item codes.
 READ_VERSIONS = (1, 2)
-_V2_ARRAYS = ("split_basis", "item_codes", "code_coefs")
 HEADER_FILE = "header.json"
 # (name, dtype) of every array file, in the order the kernels take them.
 _ARRAYS = (
@@ -88,13 +87,12 @@ def default_split_dim(dv: int) -> int:
     return 32 if dv <= 128 else 64
 
 
-def _split_basis(data: np.ndarray, metric: str, split_dim: int, seed: int) -> np.ndarray:
-    """(P, dv) float32 orthonormal rows: the top principal directions of a sample of the rows
-    (about the mean for euclidean/manhattan, about the origin for angular/dot, whose planes pass
-    through it); (0, dv) when the planes use every column."""
+def _split_basis(data: np.ndarray, split_dim: int, seed: int) -> np.ndarray | None:
+    """(P, dv) float32 orthonormal rows: the top principal directions (about the origin) of a
+    sample of the rows; None when the planes use every column (split_dim >= dv)."""
     n, dv = data.shape
     if split_dim >= dv:
-        return np.zeros((0, dv), np.float32)
+        return None
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, size=min(n, 16384), replace=False))
     sample = data[rows].astype(np.float64)
@@ -104,12 +102,11 @@ def _split_basis(data: np.ndarray, metric: str, split_dim: int, seed: int) -> np
     return np.ascontiguousarray(basis * flip[:, None], dtype=np.float32)
 
 
-def _bound_arrays(basis: np.ndarray, codes: np.ndarray, code_scale: np.ndarray, code_min: np.ndarray) -> dict:
-    """item_codes (n, P) uint8 and code_coefs (2, P) float32 (scale, min): the per-item codes of
-    the projected rows that the query's lower bound reads; (0, 0) and (2, 0) without a basis."""
-    if basis.shape[0] == 0:
-        return {"item_codes": np.zeros((0, 0), np.uint8), "code_coefs": np.zeros((2, 0), np.float32)}
-    return {"item_codes": codes, "code_coefs": np.stack([code_scale, code_min]).astype(np.float32)}
+def _no_split(dv: int) -> dict:
+    """The split arrays of an index whose planes use every column: an empty basis and no item codes
+    (what version 1 indexes are read with)."""
+    return {"split_basis": np.zeros((0, dv), np.float32), "item_codes": np.zeros((0, 0), np.uint8),
+            "code_coefs": np.zeros((2, 0), np.float32)}
 
 
 def _all_cores() -> int:
@@ -243,8 +240,8 @@ class Forest:
         t0 = time.perf_counter()
         if split_dim is None:
             split_dim = default_split_dim(data.shape[1])
-        basis = _split_basis(data, metric, int(split_dim), int(seed))
-        split_data = data if basis.shape[0] == 0 else np.ascontiguousarray(data @ basis.T, dtype=np.float32)
+        basis = _split_basis(data, int(split_dim), int(seed))
+        split_data = data if basis is None else np.ascontiguousarray(data @ basis.T, dtype=np.float32)
         codes, code_scale, code_min = _k.byte_codes(split_data)
 
         def one(t):
@@ -256,9 +253,12 @@ class Forest:
         else:
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 trees = list(pool.map(one, range(n_trees)))
-        arrays = cls._assemble(data, trees, n, split_data.shape[1])
-        arrays["split_basis"] = basis
-        arrays.update(_bound_arrays(basis, codes, code_scale, code_min))
+        arrays = cls._assemble(data, trees, n)
+        if basis is None:
+            arrays.update(_no_split(data.shape[1]))
+        else:  # item codes: the projected rows as the query's lower bound reads them
+            arrays.update(split_basis=basis, item_codes=codes,
+                          code_coefs=np.stack([code_scale, code_min]).astype(np.float32))
         for name in ("split_basis", "item_codes", "code_coefs"):
             arrays[name].flags.writeable = False
         arrays["block_order"] = _block_order(data, metric)
@@ -271,8 +271,9 @@ class Forest:
         return cls(arrays, dim=x.shape[1], metric=metric, n_trees=n_trees, leaf_size=leaf_size, seed=seed)
 
     @staticmethod
-    def _assemble(data: np.ndarray, trees: list, n: int, dv: int) -> dict:
+    def _assemble(data: np.ndarray, trees: list, n: int) -> dict:
         """Concatenate per-tree arrays (tree-local numbering) into the global layout."""
+        dv = trees[0][1].shape[1]  # plane width: the split space's
         n_split = np.array([t[1].shape[0] for t in trees], dtype=np.int64)
         n_leaf = np.array([t[4].shape[0] - 1 for t in trees], dtype=np.int64)
         split_base = np.concatenate([[0], np.cumsum(n_split)[:-1]])
@@ -327,10 +328,9 @@ class Forest:
         k, search_k = self._check_k(k, search_k)
         scratch = getattr(self._local, "scratch", None)
         if scratch is None:
-            a = self._arrays
-            n_nodes = a["planes"].shape[0] + a["leaf_offsets"].shape[0] - 1
-            scratch = self._local.scratch = _k.new_scratch(
-                self._n_items, n_nodes, a["vectors"].shape[1], a["split_basis"].shape[0])
+            a = dict(zip((name for name, _ in _ARRAYS), self._kargs))
+            scratch = self._local.scratch = _k.new_scratch(a["vectors"], a["split_basis"], a["planes"],
+                                                           a["leaf_offsets"])
         ids, dists = _k.query_one(q, *self._kargs, self._code, k, search_k, scratch)
         return (ids, dists) if include_distances else ids
 
@@ -428,9 +428,7 @@ class Forest:
             )
         arrays = {}
         if header["format_version"] == 1:  # no split basis: the planes span every column
-            dv = header["dim"] + 1 if header["metric"] == "dot" else header["dim"]
-            arrays["split_basis"] = np.zeros((0, dv), np.float32)
-            arrays.update(_bound_arrays(arrays["split_basis"], None, None, None))
+            arrays.update(_no_split(header["dim"] + 1 if header["metric"] == "dot" else header["dim"]))
         for name, dtype in _ARRAYS:
             if name in arrays:
                 continue
