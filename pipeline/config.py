@@ -6,13 +6,19 @@ stage. Users add a dataset by adding a file to ``configs/`` or to a directory of
 
 Validation is strict: an unknown section or key, a value of the wrong type, or a source without a
 checksum is a ``ConfigError`` naming the file and the key, raised before anything is downloaded.
+
+A source the publisher updates in place is marked ``mutable = true`` instead of pinning a checksum:
+each dated run downloads it again into a snapshot that records the sha256 it saw, and
+``apply_pins`` fills those digests in, so the chain below it is rebuilt only when the bytes changed.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,7 @@ from .exact import METRICS
 PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 _REQUIRED = object()
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 KINDS = ("idx", "word2vec", "food101")
 
@@ -107,6 +114,7 @@ _SOURCE_SCHEMA: dict[str, tuple[Any, Any]] = {
     "urls": (("list", str), []),
     "sha256": (str, None),
     "md5": (str, None),
+    "mutable": (bool, False),  # no pinned checksum: re-fetched per date, its sha256 comes from the snapshot
 }
 
 _CHOICES = {
@@ -224,9 +232,16 @@ def validate(raw: dict, path: Path) -> dict:
     cfg["sources"] = {}
     for name, src in sources.items():
         entry = _fill_section(path, f"sources.{name}", src, _SOURCE_SCHEMA)
-        if not entry["sha256"] and not entry["md5"]:
+        pinned = entry["sha256"] or entry["md5"]
+        if entry["mutable"] and pinned:
             raise ConfigError(
-                f"{path}: sources.{name} has no checksum: add sha256 (or md5 where that is what the publisher gives)"
+                f"{path}: sources.{name} is mutable = true but also pins a checksum: a mutable source's sha256 "
+                "is read from each dated download; remove the checksum or the mutable key"
+            )
+        if not entry["mutable"] and not pinned:
+            raise ConfigError(
+                f"{path}: sources.{name} has no checksum: add sha256 (or md5 where that is what the publisher "
+                "gives), or set mutable = true if the publisher updates the file in place"
             )
         cfg["sources"][name] = entry
     _check_kind(cfg, path)
@@ -255,6 +270,33 @@ def _check_kind(cfg: dict, path: Path) -> None:
             raise ConfigError(f"{path}: decode.{key} = {name!r} is not a source; sources: {', '.join(cfg['sources'])}")
     if cfg["decode"].get("format") == "npy" and not cfg["decode"]["words"]:
         raise ConfigError(f"{path}: decode.format = 'npy' needs decode.words naming the source with the words")
+
+
+def mutable_sources(cfg: dict) -> list[str]:
+    """Names of the sources marked ``mutable = true``, sorted."""
+    return sorted(name for name, src in cfg["sources"].items() if src["mutable"])
+
+
+def apply_pins(cfg: dict, pins: Mapping[str, str]) -> dict:
+    """``cfg`` with the sha256 a dated snapshot observed filled into its mutable sources.
+
+    ``pins`` maps source names to sha256 digests. A name that is not a mutable source, or a value that
+    is not a sha256, is a ConfigError. Mutable sources left without a pin keep ``sha256 = None``;
+    ``stages.stage_params`` refuses to digest a fetch in that state.
+    """
+    if not pins:
+        return cfg
+    path = cfg.get("_path", cfg["dataset"]["name"])
+    out = copy.deepcopy(cfg)
+    for name, digest in pins.items():
+        src = out["sources"].get(name)
+        if src is None or not src["mutable"]:
+            raise ConfigError(f"{path}: a snapshot pins sources.{name}, which is not a mutable source of this "
+                              f"config (mutable sources: {', '.join(mutable_sources(cfg)) or 'none'})")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise ConfigError(f"{path}: the pinned sha256 of sources.{name} is not a sha256 digest: {digest!r}")
+        src["sha256"] = digest
+    return out
 
 
 def load_config(dataset: str, config_dir: str | os.PathLike | None = None) -> dict:

@@ -122,11 +122,7 @@ def fetch(urls: Sequence[str], dest: str | Path, *, sha256: str | None = None, m
     dest = Path(dest)
     expected = _expected_digests(sha256, md5, dest)
     urls = _checked_urls(urls, dest)
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 1:
-        raise ConfigError(f"retries must be an integer >= 1 for {dest.name}, got {retries!r}")
-    if backoff < 0 or timeout <= 0:
-        raise ConfigError(f"backoff must be >= 0 and timeout > 0 for {dest.name}, "
-                          f"got backoff={backoff!r}, timeout={timeout!r}")
+    _check_retry_options(dest, retries, backoff, timeout)
 
     if _verified(dest, expected):
         log.info("%s is already present and verified; nothing to download", dest)
@@ -140,9 +136,36 @@ def fetch(urls: Sequence[str], dest: str | Path, *, sha256: str | None = None, m
         return _download(urls, dest, expected, retries, backoff, timeout, _Progress(dest.name, progress))
 
 
+def fetch_unpinned(urls: Sequence[str], dest: str | Path, *, retries: int = 3, backoff: float = 0.5,
+                   timeout: float = 30.0, progress: ProgressCallback | None = None) -> tuple[Path, str]:
+    """Download a file that has no pinned checksum (a mutable source) to ``dest``; return ``(dest, sha256)``.
+
+    The same mirror order, retries and atomic rename as ``fetch``, with two differences: whatever is
+    at ``dest`` already is downloaded again (the publisher may have changed it), and an attempt never
+    resumes a partial file but starts from zero, since with nothing to check the result against, bytes
+    of two versions of the file must never be joined.
+    """
+    dest = Path(dest)
+    urls = _checked_urls(urls, dest)
+    _check_retry_options(dest, retries, backoff, timeout)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(dest.parent):
+        _download(urls, dest, {}, retries, backoff, timeout, _Progress(dest.name, progress), resume=False)
+    return dest, file_digest(dest)
+
+
+def _check_retry_options(dest: Path, retries: int, backoff: float, timeout: float) -> None:
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 1:
+        raise ConfigError(f"retries must be an integer >= 1 for {dest.name}, got {retries!r}")
+    if backoff < 0 or timeout <= 0:
+        raise ConfigError(f"backoff must be >= 0 and timeout > 0 for {dest.name}, "
+                          f"got backoff={backoff!r}, timeout={timeout!r}")
+
+
 def _download(urls: list[str], dest: Path, expected: dict[str, str], retries: int, backoff: float,
-              timeout: float, report: _Progress) -> Path:
-    """The mirror and retry loop of ``fetch``, run while holding the lock on ``dest.parent``."""
+              timeout: float, report: _Progress, resume: bool = True) -> Path:
+    """The mirror and retry loop of ``fetch``, run while holding the lock on ``dest.parent``.
+    With ``resume=False`` every attempt discards the partial file first."""
     part = dest.with_name(dest.name + ".part")
     attempts: list[str] = []
     mismatches: list[str] = []
@@ -150,11 +173,14 @@ def _download(urls: list[str], dest: Path, expected: dict[str, str], retries: in
         for attempt in range(1, retries + 1):
             where = f"{url} (attempt {attempt}/{retries})"
             try:
+                if not resume:
+                    part.unlink(missing_ok=True)
                 resumed = _fetch_once(url, part, timeout, report)
                 mismatch = _mismatch(part, expected)
                 if mismatch is None:
                     os.replace(part, dest)
-                    log.info("downloaded %s from %s and verified its %s", dest, url, "+".join(expected))
+                    log.info("downloaded %s from %s%s", dest, url,
+                             f" and verified its {'+'.join(expected)}" if expected else " (no pinned checksum)")
                     return dest
                 part.unlink()
                 algorithm, want, got = mismatch

@@ -15,7 +15,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import artifacts
+from . import artifacts, snapshot
 from .errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,8 @@ def _closure(root: Path, keys: set[str]) -> set[str]:
 
 def plan_gc(root: Path, keep: int) -> list[Path]:
     """Version directories that ``gc`` would delete: all but the newest ``keep`` per stage, sparing
-    whatever ``latest`` or ``serving`` points at and everything those depend on."""
+    whatever ``latest`` or ``serving`` points at and everything those depend on; then the cached
+    downloads of mutable sources that none of the newest ``keep`` snapshots pins."""
     if keep < 1:
         raise ConfigError(f"gc --keep must be at least 1, got {keep}")
     root = Path(root)
@@ -168,7 +169,8 @@ def plan_gc(root: Path, keep: int) -> list[Path]:
             if latest:
                 pinned.add(f"{dataset}/{stage_dir.name}/{latest}")
     kept = _closure(root, pinned)
-    return [root / key for key in every if key not in kept]
+    # Cached bytes of mutable sources go with their snapshots (fetch versions hold their own links).
+    return [root / key for key in every if key not in kept] + snapshot.plan_cache_gc(root, keep)
 
 
 def gc(root: Path, keep: int, dry_run: bool = False) -> list[Path]:

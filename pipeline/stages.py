@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import download
-from .errors import ConfigError
+from . import download, snapshot
+from .errors import ChecksumError, ConfigError
 from .evaluate import directory_bytes, exact_baseline, sweep_forest
 from .decode import DECODERS
 from .exact import exact_neighbors, normalize_rows
@@ -46,6 +46,13 @@ def stage_params(cfg: dict, stage: str, **extra: Any) -> dict:
     """The resolved parameters of ``stage`` that decide its bytes (and so its digest)."""
     if stage == "fetch":
         # URLs and mirrors are where bytes come from, not what they are: the checksums pin them.
+        # A mutable source's sha256 is the one its dated snapshot saw (config.apply_pins).
+        unpinned = [name for name, s in sorted(cfg["sources"].items()) if s["mutable"] and not s["sha256"]]
+        if unpinned:
+            raise ConfigError(
+                f"{cfg.get('_path', cfg['dataset']['name'])}: sources {', '.join(unpinned)} are mutable and this "
+                "run has no snapshot of them: run the dataset with `grove run`, `grove rebuild` or the Chain / "
+                "Rebuild tasks, which download them for the date and pin what they saw")
         return {
             name: {"filename": s["filename"], "sha256": s["sha256"], "md5": s["md5"]}
             for name, s in sorted(cfg["sources"].items())
@@ -80,8 +87,17 @@ def write_fetch(cfg: dict, out: Path, cache_dir: Path, mirror: str | None = None
             part = done / total if total else 0.0
             report((i + part) / len(sources), f"fetch {name}: {done / 1e6:.1f} MB")
 
-        cached = download.fetch(urls, cache_dir / src["filename"], sha256=src["sha256"], md5=src["md5"],
-                                progress=progress)
+        # A mutable source's pinned bytes wait content-addressed in the cache (see pipeline/snapshot.py).
+        dest = (snapshot.content_path(cache_dir, src["sha256"], src["filename"]) if src["mutable"]
+                else cache_dir / src["filename"])
+        try:
+            cached = download.fetch(urls, dest, sha256=src["sha256"], md5=src["md5"], progress=progress)
+        except ChecksumError as exc:
+            if not src["mutable"]:
+                raise
+            raise ChecksumError(f"mutable source {name}: the snapshot pinned sha256 {src['sha256']}, its cached copy "
+                                f"{dest} is gone and the publisher now serves other bytes; run a newer date "
+                                f"(its snapshot pins the current file). {exc}") from exc
         _link_or_copy(cached, out / src["filename"])
     report(1.0, f"fetched {len(sources)} files")
     return {"rows": {"files": len(sources)}}

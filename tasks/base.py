@@ -10,7 +10,7 @@ from pathlib import Path
 import luigi
 
 from pipeline import artifacts, stages
-from pipeline.config import load_config
+from pipeline.config import apply_pins, load_config
 
 log = logging.getLogger("luigi-interface")
 
@@ -65,12 +65,27 @@ class GroveTask(luigi.Task):
     """One stage of one dataset. Subclasses set ``stage`` and implement ``write(tmp_dir)``."""
 
     dataset = luigi.Parameter(description="dataset name: a configs/<dataset>.toml")
+    pins = luigi.DictParameter(default={}, description="sha256 of each mutable source, from a dated snapshot "
+                               "(Chain and Rebuild fill it in; datasets without mutable sources leave it empty)")
     stage: str = ""
+
+    def __repr__(self) -> str:
+        # Luigi's repr, with pins shortened (train_images@f8a32ec2dfab) and left out when empty, so logs
+        # and summaries read Evaluate(dataset=mnist) as before. The task id keeps the whole digests.
+        params = dict(self.get_params())
+        shown = []
+        for name, value in self.param_kwargs.items():
+            if name == "pins":
+                if value:
+                    shown.append("pins=" + ",".join(f"{src}@{sha[:12]}" for src, sha in sorted(value.items())))
+            elif params[name].significant:
+                shown.append(f"{name}={params[name].serialize(value)}")
+        return f"{self.get_task_family()}({', '.join(shown)})"
 
     @property
     def cfg(self) -> dict:
         if "_cfg" not in self.__dict__:
-            self.__dict__["_cfg"] = load_config(self.dataset, grove().config_dir())
+            self.__dict__["_cfg"] = apply_pins(load_config(self.dataset, grove().config_dir()), self.pins)
         return self.__dict__["_cfg"]
 
     def stage_params(self) -> dict:

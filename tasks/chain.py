@@ -2,14 +2,65 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import datetime as dt
 from pathlib import Path
 
 import luigi
 
-from pipeline import learned, stages
+from pipeline import learned, snapshot, stages
+from pipeline.config import load_config, mutable_sources
 
 from .base import GroveTask, grove
+
+
+class Snapshot(GroveTask):
+    """Today's bytes of a dataset's mutable sources, downloaded again and their sha256 recorded.
+
+    Its output is ``<dataset>/snapshots/<date>.json``; the pins in it name the fetch version (and so
+    every version below it) for that date: unchanged bytes mean unchanged digests and no rebuild.
+    """
+
+    stage = "snapshot"
+    date = luigi.DateParameter(description="the day of this snapshot")
+    resources = {"downloads": 1}
+
+    def output(self):
+        return luigi.LocalTarget(str(snapshot.snapshot_path(grove().artifact_root(), self.dataset, self.date)))
+
+    def complete(self):
+        # A record taken before a source was marked mutable does not cover it: take it again.
+        path = Path(self.output().path)
+        return path.is_file() and set(mutable_sources(self.cfg)) <= set(snapshot.read_snapshot(path)["pins"])
+
+    def run(self):
+        snapshot.take_snapshot(self.cfg, grove().artifact_root(), self.date, grove().mirror_prefix(), self.report)
+
+
+def dated_evaluate(dataset: str, date: dt.date) -> "Evaluate | None":
+    """The Evaluate task of ``dataset`` for ``date``: pinned to that date's snapshot when the dataset
+    has mutable sources (None while that snapshot is not taken yet), plain otherwise."""
+    cfg = load_config(dataset, grove().config_dir())
+    if not mutable_sources(cfg):
+        return Evaluate(dataset=dataset)
+    task = Snapshot(dataset=dataset, date=date)
+    if not task.complete():
+        return None
+    pins = snapshot.read_snapshot(Path(task.output().path))["pins"]
+    return Evaluate(dataset=dataset, pins={name: pins[name] for name in mutable_sources(cfg)})
+
+
+def current_evaluate(dataset: str) -> "Evaluate":
+    """The Evaluate task of the current config and the newest snapshot (for commands without a date)."""
+    cfg = load_config(dataset, grove().config_dir())
+    return Evaluate(dataset=dataset, pins=snapshot.latest_pins(grove().artifact_root(), cfg))
+
+
+def dated_requires(dataset: str, date: dt.date) -> luigi.Task:
+    """What a dated task needs before it can name its Evaluate: the snapshot, or Evaluate itself."""
+    cfg = load_config(dataset, grove().config_dir())
+    if mutable_sources(cfg):
+        return Snapshot(dataset=dataset, date=date)
+    return Evaluate(dataset=dataset)
 
 
 class Fetch(GroveTask):
@@ -131,15 +182,31 @@ class Evaluate(GroveTask):
         ref = self.output().ref
         stub = {"dataset": self.dataset, "stage": self.stage, "version": ref.version, "params": self.stage_params(),
                 "parents": {name: parent.key for name, parent in self.parent_refs().items()},
-                "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         stages.write_report(grove().artifact_root(), tmp, stub, self.report)
         return out
 
 
-class Chain(luigi.WrapperTask):
-    """Everything for one dataset: fetched, embedded, indexed and evaluated."""
+class Chain(luigi.Task):
+    """Everything for one dataset: fetched, embedded, indexed and evaluated.
+
+    A dataset with mutable sources first takes the snapshot of ``date``; the evaluation it then
+    needs (a dynamic dependency) is the one pinned to what that snapshot saw.
+    """
 
     dataset = luigi.Parameter(description="dataset name: a configs/<dataset>.toml")
+    date = luigi.DateParameter(default=dt.date.today(),
+                               description="the day whose snapshot of mutable sources is used (default today)")
 
     def requires(self):
-        return self.clone(Evaluate)
+        return dated_requires(self.dataset, self.date)
+
+    def evaluate(self) -> Evaluate | None:
+        return dated_evaluate(self.dataset, self.date)
+
+    def complete(self):
+        evaluate = self.evaluate()
+        return evaluate is not None and evaluate.complete()
+
+    def run(self):
+        yield self.evaluate()

@@ -32,6 +32,7 @@ def _chain_outputs(tasks: list) -> list[Path]:
     from luigi.task import flatten
 
     from .base import GroveTask
+    from .chain import Chain, current_evaluate
 
     seen, paths, stack = set(), [], list(tasks)
     while stack:
@@ -39,9 +40,14 @@ def _chain_outputs(tasks: list) -> list[Path]:
         if task.task_id in seen:
             continue
         seen.add(task.task_id)
-        if isinstance(task, GroveTask):
+        if isinstance(task, GroveTask) and task.stage != "snapshot":
             paths.append(task.output().path)
         stack.extend(flatten(task.requires()))
+        if isinstance(task, Chain):  # below a snapshot: the chain of the date's (else the newest) snapshot
+            try:
+                stack.append(task.evaluate() or current_evaluate(task.dataset))
+            except ConfigError:  # mutable sources never snapshotted: nothing built yet to check
+                pass
     return paths
 
 
@@ -49,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline import lifecycle
     from pipeline.stages import format_results
 
-    from .chain import Chain, Evaluate
+    from .chain import Chain
 
     settings = _settings()
     for dataset in args.datasets:  # every config is checked before any work starts
@@ -59,9 +65,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         for path, why in lifecycle.remove_damaged(_chain_outputs(chains)):
             print(f"removed damaged {path.name}: {why}", file=sys.stderr)
     code = _build(chains, args)
-    for dataset in args.datasets:
-        target = Evaluate(dataset=dataset).output()
-        if target.exists():
+    for chain in chains:
+        dataset, evaluate = chain.dataset, chain.evaluate()
+        target = evaluate.output() if evaluate is not None else None
+        if target is not None and target.exists():
             summary = json.loads((target.path / "results.json").read_text())
             print(f"\n{dataset}: {target.ref.key}\n{format_results(summary['rows'], summary['k'])}")
     return code
@@ -103,13 +110,13 @@ def _query_paths(dataset: str) -> tuple[Path, Path, str]:
     """(split dir, forest dir, where they come from): the serving version, else the current config's."""
     from pipeline import lifecycle
 
-    from .chain import Evaluate, Forest as ForestTask
+    from .chain import Forest as ForestTask, current_evaluate
 
     root = _settings().artifact_root()
     if lifecycle.serving_version(root, dataset):
         paths = lifecycle.serving_paths(root, dataset)
         return paths["split"], paths["forest"], f"serving {paths['evaluate'].name}"
-    parents = Evaluate(dataset=dataset).parent_tasks()
+    parents = current_evaluate(dataset).parent_tasks()
     forest_task = max((t for t in parents.values() if isinstance(t, ForestTask)), key=lambda t: t.n_trees)
     return parents["split"].output().ref.path, forest_task.output().ref.path, "current config (nothing serving)"
 
@@ -187,7 +194,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     for path in doomed:
         print(f"{verb} {path.relative_to(root)}")
-    print(f"{verb} {len(doomed)} version(s)")
+    cached = sum(1 for path in doomed if ".downloads" in path.parts)
+    print(f"{verb} {len(doomed) - cached} version(s)" + (f" and {cached} cached download(s)" if cached else ""))
     return EXIT_OK
 
 
@@ -282,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset")
     p.set_defaults(func=cmd_rollback)
 
-    p = sub.add_parser("gc", help="delete old versions, keeping the newest N per stage and all that serves")
+    p = sub.add_parser("gc", help="delete old versions, keeping the newest N per stage and all that serves "
+                                  "(and cached downloads of mutable sources the newest N snapshots do not pin)")
     p.add_argument("--keep", type=int, default=3, help="versions to keep per stage (default 3)")
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     p.set_defaults(func=cmd_gc)

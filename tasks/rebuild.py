@@ -7,11 +7,11 @@ import logging
 
 import luigi
 
-from pipeline import lifecycle
+from pipeline import lifecycle, snapshot
 from pipeline.errors import GroveError
 
 from .base import GroveTask, grove
-from .chain import Evaluate
+from .chain import dated_evaluate, dated_requires
 
 log = logging.getLogger("luigi-interface")
 
@@ -26,7 +26,7 @@ class DatedRecord(GroveTask):
     date = luigi.DateParameter(description="the day this record is for")
 
     def requires(self):
-        return self.clone(Evaluate)
+        return dated_requires(self.dataset, self.date)
 
     def record_path(self, suffix: str = ".json"):
         return grove().artifact_root() / self.dataset / "records" / f"{self.date.isoformat()}{suffix}"
@@ -35,10 +35,15 @@ class DatedRecord(GroveTask):
         return luigi.LocalTarget(str(self.record_path()))
 
     def run(self):
-        evaluate = self.requires().output().ref
+        task = dated_evaluate(self.dataset, self.date)
+        yield task  # a dynamic dependency: for mutable sources it is known only once the snapshot is taken
+        evaluate = task.output().ref
         root = grove().artifact_root()
         results = json.loads((evaluate.path / "results.json").read_text())
         record = lifecycle.judge(root, self.dataset, evaluate, results, self.cfg["gate"], str(self.date))
+        if task.pins:
+            record["snapshot"] = snapshot.read_snapshot(
+                snapshot.snapshot_path(root, self.dataset, self.date))["sources"]
         if not record["promoted"]:
             lifecycle.write_record(self.record_path(".rejected.json"), record)
             raise QualityGateError(f"{self.dataset}: {evaluate.key} failed the quality gate: "

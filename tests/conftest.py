@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import textwrap
 from pathlib import Path
 
@@ -65,6 +66,17 @@ def write_tiny_config(config_dir: Path, name: str, files: dict[str, Path], n_tre
     path = config_dir / f"{name}.toml"
     path.write_text(text + "\n" + "\n".join(sources))
     return path
+
+
+def make_mutable(config: Path, source: str = "train_images") -> None:
+    """Mark ``source`` of a config written by ``write_tiny_config`` mutable: ``mutable = true`` instead of its sha256."""
+    import luigi.task_register
+
+    text = config.read_text()
+    head, tail = text.split(f"[sources.{source}]", 1)
+    tail = re.sub(r'sha256 = "[0-9a-f]+"', "mutable = true", tail, count=1)
+    config.write_text(head + f"[sources.{source}]" + tail)
+    luigi.task_register.Register.clear_instance_cache()
 
 
 @pytest.fixture
