@@ -11,7 +11,7 @@ import time
 import luigi
 import pytest
 
-from conftest import REPO, write_tiny_config
+from conftest import REPO, make_mutable, write_tiny_config
 from httpserver import LoopbackServer
 from pipeline import artifacts
 from tasks.cli import main as grove
@@ -49,3 +49,39 @@ def test_sigkill_during_download_then_rerun_resumes(tiny_mnist, monkeypatch):
     manifest = artifacts.read_manifest(fetch, verify="sha256")
     assert manifest["files"][files["train_images"].name]["bytes"] == files["train_images"].stat().st_size
     assert not part.exists()
+
+
+@pytest.mark.slow
+def test_sigkill_during_snapshot_of_a_mutable_source_then_rerun_starts_over(tiny_mnist, monkeypatch):
+    files = tiny_mnist["files"]
+    served = {f"/tinymnist/{p.name}": p.read_bytes() for p in files.values()}
+    with LoopbackServer(served) as server:
+        big = f"/tinymnist/{files['train_images'].name}"
+        server.stall[big] = [4000]
+        write_tiny_config(tiny_mnist["configs"], "tinymnist", files, urls=[server.url("/tinymnist")])
+        make_mutable(tiny_mnist["config"])
+        monkeypatch.delenv("GROVE_MIRROR")
+        monkeypatch.setenv("GROVE_REBUILD_DATASETS", "tinymnist")
+        child = subprocess.Popen([sys.executable, "-m", "tasks.cli", "rebuild", "--date", "2026-11-01"], cwd=REPO,
+                                 env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        scratch = tiny_mnist["root"] / "tinymnist" / ".downloads" / ".snapshot" / "2026-11-01"
+        part = scratch / f"{files['train_images'].name}.part"
+        try:
+            assert server.stalling.wait(60), "the download never started"
+            deadline = time.monotonic() + 30
+            while not (part.exists() and part.stat().st_size == 4000):
+                assert time.monotonic() < deadline, "the partial file never reached 4000 bytes"
+                time.sleep(0.05)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        root = tiny_mnist["root"] / "tinymnist"
+        assert not (root / "snapshots" / "2026-11-01.json").exists()  # no record of a half download
+        assert not (root / ".downloads" / "by-sha256").exists()
+
+        luigi.task_register.Register.clear_instance_cache()
+        assert grove(["rebuild", "--date", "2026-11-01"]) == 0
+        assert "Range" not in server.requests_for(big)[1].headers  # started over: nothing to check a join by
+    assert not scratch.exists()
+    manifest = artifacts.read_manifest(root / "fetch" / "latest", verify="sha256")
+    assert manifest["files"][files["train_images"].name]["bytes"] == files["train_images"].stat().st_size
