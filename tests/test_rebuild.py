@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import luigi
 import pytest
+
+from conftest import REPO, make_mutable
 
 from pipeline import artifacts, lifecycle
 from pipeline.errors import ConfigError
@@ -103,3 +109,26 @@ def test_gc_keeps_what_serves_and_its_parents(rebuild_env, capsys):
         assert latest is None or (stage_dir / latest).is_dir()
     with pytest.raises(ConfigError):
         lifecycle.plan_gc(root, keep=0)
+
+
+@pytest.mark.slow
+def test_range_daily_base_backfills_rebuild_through_the_luigi_command(rebuild_env):
+    """The cron form from the README, through Luigi's own command line and luigi.cfg's [retcode]."""
+    root = rebuild_env["root"]
+    make_mutable(rebuild_env["config"])
+    luigi_bin = Path(sys.executable).with_name("luigi")
+    command = [str(luigi_bin), "--module", "tasks", "RangeDailyBase", "--of", "Rebuild",
+               "--start", "2026-11-01", "--stop", "2026-11-04", "--local-scheduler"]
+    run = subprocess.run(command, cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    days = ("2026-11-01", "2026-11-02", "2026-11-03")
+    assert sorted(p.stem for p in (root / "tinymnist" / "records").glob("*.json")) == list(days)
+    assert sorted(p.stem for p in (root / "tinymnist" / "snapshots").glob("*.json")) == list(days)
+    assert len(artifacts.list_versions(root, "tinymnist", "evaluate")) == 1  # same bytes every day: built once
+    # Every day done: a rerun finds nothing to do; a broken config exits with [retcode] task_failed (30).
+    assert subprocess.run(command, cwd=REPO, env=os.environ.copy(), capture_output=True, timeout=120).returncode == 0
+    _set_gate(rebuild_env, 1.01)
+    command[command.index("2026-11-04")] = "2026-11-05"
+    run = subprocess.run(command, cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 30, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (root / "tinymnist" / "records" / "2026-11-04.rejected.json").is_file()
