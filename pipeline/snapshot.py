@@ -144,14 +144,18 @@ def take_snapshot(cfg: dict, root: Path, date: dt.date, mirror: str | None = Non
 
 
 def plan_cache_gc(root: Path, keep: int) -> list[Path]:
-    """Cached bytes of mutable sources that no snapshot among each dataset's newest ``keep`` pins."""
+    """Cached bytes of mutable sources that no snapshot among each dataset's newest ``keep`` pins, and
+    the scratch directories of killed snapshots whose date is done or older than the newest snapshot."""
     doomed = []
     for dataset_dir in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        dates = snapshot_dates(root, dataset_dir.name)
         by_sha = dataset_dir / ".downloads" / BY_SHA256
-        if not by_sha.is_dir():
-            continue
-        kept: set[str] = set()
-        for date in snapshot_dates(root, dataset_dir.name)[-keep:]:
-            kept.update(read_snapshot(snapshot_path(root, dataset_dir.name, date))["pins"].values())
-        doomed.extend(p for p in sorted(by_sha.iterdir()) if p.name not in kept)
+        if by_sha.is_dir():
+            kept: set[str] = set()
+            for date in dates[-keep:]:
+                kept.update(read_snapshot(snapshot_path(root, dataset_dir.name, date))["pins"].values())
+            doomed.extend(p for p in sorted(by_sha.iterdir()) if p.name not in kept)
+        scratch = dataset_dir / ".downloads" / ".snapshot"
+        if scratch.is_dir() and dates:
+            doomed.extend(p for p in sorted(scratch.iterdir()) if p.name <= dates[-1].isoformat())
     return doomed

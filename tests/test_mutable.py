@@ -131,12 +131,16 @@ def test_grove_run_query_and_gc_with_a_mutable_source(served, tmp_path, capsys):
         assert grove(["rebuild", "--date", f"2099-01-0{day}"]) == 0
     cached = root / "tinymnist" / ".downloads" / snapshot.BY_SHA256
     assert len(list(cached.iterdir())) == 3
+    killed = root / "tinymnist" / ".downloads" / ".snapshot" / "2099-01-01"  # a snapshot killed, never rerun
+    killed.mkdir(parents=True)
+    (killed / "tiny-train-images.gz.part").write_bytes(b"partial")
     assert grove(["gc", "--keep", "1", "--dry-run"]) == 0
-    assert "and 2 cached download(s)" in capsys.readouterr().out
-    assert len(list(cached.iterdir())) == 3
+    assert "and 3 cached download(s)" in capsys.readouterr().out
+    assert len(list(cached.iterdir())) == 3 and killed.exists()
     assert grove(["gc", "--keep", "1"]) == 0
     newest = snapshot.latest_snapshot(root, "tinymnist")["pins"]["train_images"]
     assert [p.name for p in cached.iterdir()] == [newest]
+    assert not killed.exists()
 
 
 def test_mutable_config_errors(tiny_mnist):
