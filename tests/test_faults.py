@@ -1,12 +1,14 @@
-"""A worker killed in the middle of a download: the rerun resumes the file and completes."""
+"""A worker killed in the middle of a download: the rerun resumes the file (or, for a mutable source, starts it over) and completes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import luigi
 import pytest
@@ -17,31 +19,42 @@ from pipeline import artifacts
 from tasks.cli import main as grove
 
 
+@contextlib.contextmanager
+def _served_tiny_mnist(tiny_mnist, monkeypatch):
+    """tinymnist's files over HTTP only (no mirror); the first response for train_images hangs after
+    4000 bytes. Yields (server, path of train_images on the server)."""
+    files = tiny_mnist["files"]
+    with LoopbackServer({f"/tinymnist/{p.name}": p.read_bytes() for p in files.values()}) as server:
+        big = f"/tinymnist/{files['train_images'].name}"
+        server.stall[big] = [4000]
+        write_tiny_config(tiny_mnist["configs"], "tinymnist", files, urls=[server.url("/tinymnist")])
+        monkeypatch.delenv("GROVE_MIRROR")
+        yield server, big
+
+
+def _kill_at_4000_bytes(args: list[str], server: LoopbackServer, part: Path) -> None:
+    """Run ``grove ARGS`` in a child process and SIGKILL it once ``part`` holds 4000 bytes."""
+    child = subprocess.Popen([sys.executable, "-m", "tasks.cli", *args], cwd=REPO, env=os.environ.copy(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert server.stalling.wait(60), "the download never started"
+        deadline = time.monotonic() + 30
+        while not (part.exists() and part.stat().st_size == 4000):
+            assert time.monotonic() < deadline, "the partial file never reached 4000 bytes"
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    luigi.task_register.Register.clear_instance_cache()
+
+
 @pytest.mark.slow
 def test_sigkill_during_download_then_rerun_resumes(tiny_mnist, monkeypatch):
     files = tiny_mnist["files"]
-    served = {f"/tinymnist/{p.name}": p.read_bytes() for p in files.values()}
-    with LoopbackServer(served) as server:
-        big = f"/tinymnist/{files['train_images'].name}"
-        server.stall[big] = [4000]  # the first response hangs after 4000 bytes
-        write_tiny_config(tiny_mnist["configs"], "tinymnist", files, urls=[server.url("/tinymnist")])
-        monkeypatch.delenv("GROVE_MIRROR")  # only the HTTP server has the files
-        env = os.environ.copy()
-        child = subprocess.Popen([sys.executable, "-m", "tasks.cli", "run", "tinymnist"], cwd=REPO, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            assert server.stalling.wait(60), "the download never started"
-            part = tiny_mnist["root"] / "tinymnist" / ".downloads" / f"{files['train_images'].name}.part"
-            deadline = time.monotonic() + 30
-            while not (part.exists() and part.stat().st_size == 4000):
-                assert time.monotonic() < deadline, "the partial file never reached 4000 bytes"
-                time.sleep(0.05)
-        finally:
-            child.send_signal(signal.SIGKILL)
-            child.wait()
+    part = tiny_mnist["root"] / "tinymnist" / ".downloads" / f"{files['train_images'].name}.part"
+    with _served_tiny_mnist(tiny_mnist, monkeypatch) as (server, big):
+        _kill_at_4000_bytes(["run", "tinymnist"], server, part)
         assert artifacts.list_versions(tiny_mnist["root"], "tinymnist", "fetch") == []
-
-        luigi.task_register.Register.clear_instance_cache()
         assert grove(["run", "tinymnist"]) == 0
         second = server.requests_for(big)[1]
         assert second.headers.get("Range") == "bytes=4000-"  # resumed, not restarted
@@ -53,33 +66,14 @@ def test_sigkill_during_download_then_rerun_resumes(tiny_mnist, monkeypatch):
 
 @pytest.mark.slow
 def test_sigkill_during_snapshot_of_a_mutable_source_then_rerun_starts_over(tiny_mnist, monkeypatch):
-    files = tiny_mnist["files"]
-    served = {f"/tinymnist/{p.name}": p.read_bytes() for p in files.values()}
-    with LoopbackServer(served) as server:
-        big = f"/tinymnist/{files['train_images'].name}"
-        server.stall[big] = [4000]
-        write_tiny_config(tiny_mnist["configs"], "tinymnist", files, urls=[server.url("/tinymnist")])
+    files, root = tiny_mnist["files"], tiny_mnist["root"] / "tinymnist"
+    monkeypatch.setenv("GROVE_REBUILD_DATASETS", "tinymnist")
+    scratch = root / ".downloads" / ".snapshot" / "2026-11-01"
+    with _served_tiny_mnist(tiny_mnist, monkeypatch) as (server, big):
         make_mutable(tiny_mnist["config"])
-        monkeypatch.delenv("GROVE_MIRROR")
-        monkeypatch.setenv("GROVE_REBUILD_DATASETS", "tinymnist")
-        child = subprocess.Popen([sys.executable, "-m", "tasks.cli", "rebuild", "--date", "2026-11-01"], cwd=REPO,
-                                 env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        scratch = tiny_mnist["root"] / "tinymnist" / ".downloads" / ".snapshot" / "2026-11-01"
-        part = scratch / f"{files['train_images'].name}.part"
-        try:
-            assert server.stalling.wait(60), "the download never started"
-            deadline = time.monotonic() + 30
-            while not (part.exists() and part.stat().st_size == 4000):
-                assert time.monotonic() < deadline, "the partial file never reached 4000 bytes"
-                time.sleep(0.05)
-        finally:
-            child.send_signal(signal.SIGKILL)
-            child.wait()
-        root = tiny_mnist["root"] / "tinymnist"
+        _kill_at_4000_bytes(["rebuild", "--date", "2026-11-01"], server, scratch / f"{files['train_images'].name}.part")
         assert not (root / "snapshots" / "2026-11-01.json").exists()  # no record of a half download
         assert not (root / ".downloads" / "by-sha256").exists()
-
-        luigi.task_register.Register.clear_instance_cache()
         assert grove(["rebuild", "--date", "2026-11-01"]) == 0
         assert "Range" not in server.requests_for(big)[1].headers  # started over: nothing to check a join by
     assert not scratch.exists()

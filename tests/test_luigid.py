@@ -61,6 +61,18 @@ def _start_two(args, env):
                              text=True) for _ in range(2)]
 
 
+def _running_counts(history: Path) -> dict[str, list[int]]:
+    """Task family -> how often each of its tasks started (RUNNING events in luigid's SQLite history)."""
+    with sqlite3.connect(history) as db:
+        rows = db.execute(
+            "SELECT t.name, COUNT(*) FROM task_events e JOIN tasks t ON e.task_id = t.id "
+            "WHERE e.event_name = 'RUNNING' GROUP BY t.task_id").fetchall()
+    counts: dict[str, list[int]] = {}
+    for name, n in rows:
+        counts.setdefault(name, []).append(n)
+    return counts
+
+
 def _check_store(root):
     for stage in STAGES:
         versions = artifacts.list_versions(root, "tinymnist", stage)
@@ -83,13 +95,7 @@ def test_two_workers_under_luigid_run_each_task_once(tiny_mnist, luigid):
     names = {task["name"] for task in done.values()}
     assert {"Fetch", "Decode", "Embed", "Split", "Exact", "Forest", "Evaluate", "Chain"} <= names
 
-    with sqlite3.connect(history) as db:
-        rows = db.execute(
-            "SELECT t.name, COUNT(*) FROM task_events e JOIN tasks t ON e.task_id = t.id "
-            "WHERE e.event_name = 'RUNNING' GROUP BY t.task_id").fetchall()
-    counts = {}
-    for name, n in rows:
-        counts.setdefault(name, []).append(n)
+    counts = _running_counts(history)
     assert counts and all(n == 1 for ns in counts.values() for n in ns), counts
     assert len(counts["Forest"]) == 2  # n_trees 2 and 4, each run once
     _check_store(tiny_mnist["root"])
@@ -121,13 +127,7 @@ def test_two_dated_rebuilds_with_a_mutable_source_under_luigid(tiny_mnist, luigi
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     _check_store(tiny_mnist["root"])
-    with sqlite3.connect(history) as db:
-        rows = db.execute(
-            "SELECT t.name, COUNT(*) FROM task_events e JOIN tasks t ON e.task_id = t.id "
-            "WHERE e.event_name = 'RUNNING' GROUP BY t.task_id").fetchall()
-    counts = {}
-    for name, n in rows:
-        counts.setdefault(name, []).append(n)
+    counts = _running_counts(history)
     # DatedRecord of the first date starts twice by design: it yields the chain as a dynamic
     # dependency, is suspended until that is built, and is run again. Every other task runs once.
     assert sorted(counts.pop("DatedRecord")) == [1, 2], counts
