@@ -1,4 +1,5 @@
-"""A worker killed in the middle of a download: the rerun resumes the file (or, for a mutable source, starts it over) and completes."""
+"""A worker killed in the middle of a download: the rerun resumes the file (or, for a mutable
+source, starts it over) and completes."""
 
 from __future__ import annotations
 
