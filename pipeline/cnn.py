@@ -45,6 +45,7 @@ from .cnn_models import (
     resize_center_crop,
     set_threads,
 )
+from .artifacts import write_json_atomic
 from .download import file_digest
 from .errors import ArtifactError, ConfigError, FormatError
 from .exact import exact_neighbors, normalize_rows
@@ -372,9 +373,7 @@ def save_model(model: GroveNet, directory: str | Path, meta: Mapping[str, Any] |
     doc = {"spec": model.spec.to_dict(), "weights": WEIGHTS_FILE, "sha256": file_digest(weights),
            "size": weights.stat().st_size, "meta": dict(meta or {})}
     path = directory / MODEL_JSON
-    tmp = directory / f".{MODEL_JSON}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, doc)
     return path
 
 

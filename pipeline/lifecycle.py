@@ -119,17 +119,6 @@ def judge(root: Path, dataset: str, evaluate: artifacts.ArtifactRef, results: di
             "rows": results["rows"], "quality": results.get("quality", {})}
 
 
-# --- dated records -------------------------------------------------------------------------------
-
-
-def write_record(path: Path, record: dict) -> None:
-    """Write a dated record atomically (a reader never sees half of it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # --- garbage collection --------------------------------------------------------------------------
 
 

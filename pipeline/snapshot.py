@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import download
+from .artifacts import write_json_atomic
 from .config import mutable_sources
 from .errors import ArtifactError, ConfigError
 
@@ -95,7 +96,8 @@ def take_snapshot(cfg: dict, root: Path, date: dt.date, mirror: str | None = Non
     """Download every mutable source of ``cfg`` for ``date``; write and return the snapshot record.
 
     Each file goes to a per-date scratch directory first, is hashed, and then moves to its
-    content-addressed place in the cache (or is dropped if those bytes are there already). The
+    content-addressed place in the cache (replacing a copy of the same bytes: fetch versions keep
+    their own hard links). The
     record is written last and atomically: a run killed half way leaves no record, so the next run
     takes the snapshot again.
     """
@@ -115,11 +117,8 @@ def take_snapshot(cfg: dict, root: Path, date: dt.date, mirror: str | None = Non
         got, sha256 = download.fetch_unpinned(urls, scratch / src["filename"], progress=progress)
         size = got.stat().st_size
         kept = content_path(cache, sha256, src["filename"])
-        if kept.is_file() and kept.stat().st_size == size and download.file_digest(kept) == sha256:
-            got.unlink()
-        else:
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(got, kept)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(got, kept)  # bytes just hashed: replacing an older copy also repairs a damaged one
         before = (previous or {}).get("sources", {}).get(name)
         changed = before is None or before["sha256"] != sha256
         log.info("%s: mutable source %s is %s (sha256 %s, %d bytes)", dataset, name,
@@ -134,11 +133,7 @@ def take_snapshot(cfg: dict, root: Path, date: dt.date, mirror: str | None = Non
     record = {"dataset": dataset, "date": date.isoformat(), "pins": {n: s["sha256"] for n, s in sources.items()},
               "sources": sources, "previous": previous["date"] if previous else None,
               "time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    path = snapshot_path(root, dataset, date)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(snapshot_path(root, dataset, date), record)
     report(1.0, f"snapshot of {len(names)} mutable source(s)")
     return record
 

@@ -27,10 +27,18 @@ class Snapshot(GroveTask):
     def output(self):
         return luigi.LocalTarget(str(snapshot.snapshot_path(grove().artifact_root(), self.dataset, self.date)))
 
-    def complete(self):
-        # A record taken before a source was marked mutable does not cover it: take it again.
+    def recorded_pins(self) -> dict[str, str] | None:
+        """The pins of this date's record for the config's mutable sources; None if there is no record
+        or it does not cover them all (taken before a source was marked mutable: take it again)."""
         path = Path(self.output().path)
-        return path.is_file() and set(mutable_sources(self.cfg)) <= set(snapshot.read_snapshot(path)["pins"])
+        if not path.is_file():
+            return None
+        pins = snapshot.read_snapshot(path)["pins"]
+        names = mutable_sources(self.cfg)
+        return {name: pins[name] for name in names} if set(names) <= set(pins) else None
+
+    def complete(self):
+        return self.recorded_pins() is not None
 
     def run(self):
         snapshot.take_snapshot(self.cfg, grove().artifact_root(), self.date, grove().mirror_prefix(), self.report)
@@ -42,11 +50,8 @@ def dated_evaluate(dataset: str, date: dt.date) -> "Evaluate | None":
     cfg = load_config(dataset, grove().config_dir())
     if not mutable_sources(cfg):
         return Evaluate(dataset=dataset)
-    task = Snapshot(dataset=dataset, date=date)
-    if not task.complete():
-        return None
-    pins = snapshot.read_snapshot(Path(task.output().path))["pins"]
-    return Evaluate(dataset=dataset, pins={name: pins[name] for name in mutable_sources(cfg)})
+    pins = Snapshot(dataset=dataset, date=date).recorded_pins()
+    return None if pins is None else Evaluate(dataset=dataset, pins=pins)
 
 
 def current_evaluate(dataset: str) -> "Evaluate":

@@ -7,7 +7,7 @@ import logging
 
 import luigi
 
-from pipeline import lifecycle, snapshot
+from pipeline import artifacts, lifecycle, snapshot
 from pipeline.errors import GroveError
 
 from .base import GroveTask, grove
@@ -45,10 +45,10 @@ class DatedRecord(GroveTask):
             record["snapshot"] = snapshot.read_snapshot(
                 snapshot.snapshot_path(root, self.dataset, self.date))["sources"]
         if not record["promoted"]:
-            lifecycle.write_record(self.record_path(".rejected.json"), record)
+            artifacts.write_json_atomic(self.record_path(".rejected.json"), record)
             raise QualityGateError(f"{self.dataset}: {evaluate.key} failed the quality gate: "
                                    f"{'; '.join(record['reasons'])}; still serving {record['serving']}")
-        lifecycle.write_record(self.record_path(), record)
+        artifacts.write_json_atomic(self.record_path(), record)
 
 
 class Rebuild(luigi.WrapperTask):
