@@ -3,18 +3,20 @@ the bytes changed. Served over real HTTP from a loopback server whose file the t
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import re
+import shutil
 
 import luigi
 import pytest
 
 from pipeline import artifacts, download, lifecycle, snapshot
 from pipeline.config import apply_pins, load_config, load_config_file
-from pipeline.errors import ConfigError
+from pipeline.errors import ArtifactError, ChecksumError, ConfigError
 from pipeline.formats.idx import write_idx
-from pipeline.stages import stage_params
+from pipeline.stages import stage_params, write_fetch
 from tasks.cli import main as grove
 
 from conftest import make_mutable, tiny_digits, write_tiny_config
@@ -183,3 +185,33 @@ def test_fetch_unpinned_redownloads_and_never_resumes(tmp_path):
         assert not dest.with_name("f.bin.part").exists()
         assert all("Range" not in r.headers for r in server.requests_for("/f.bin"))
         assert len(server.requests_for("/f.bin")) == 2  # the 503, then a whole download
+
+
+def test_pinned_bytes_gone_and_changed_upstream_says_so(served, tmp_path):
+    """The cached copy of a snapshot's bytes was deleted and the publisher has moved on: Fetch cannot
+    rebuild that date's version, and says which snapshot pin it could not get back."""
+    root, server = served["root"], served["server"]
+    cfg = load_config("tinymnist")
+    record = snapshot.take_snapshot(cfg, root, dt.date(2026, 11, 1))
+    shutil.rmtree(root / "tinymnist" / ".downloads" / snapshot.BY_SHA256)
+    server.files[IMAGES] = _new_images(tmp_path, seed=9)
+    pinned = apply_pins(cfg, record["pins"])
+    out = tmp_path / "fetch-out"
+    out.mkdir()
+    with pytest.raises(ChecksumError, match=r"mutable source train_images: the snapshot pinned sha256 "
+                                            + record["pins"]["train_images"] + r".*run a newer date"):
+        write_fetch(pinned, out, root / "tinymnist" / ".downloads")
+
+
+def test_damaged_snapshot_record_is_reported(served, capsys):
+    root = served["root"]
+    path = root / "tinymnist" / "snapshots" / "2026-11-01.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"pins": ')
+    with pytest.raises(ArtifactError, match=r"cannot read the snapshot record .*2026-11-01\.json.*delete it"):
+        snapshot.read_snapshot(path)
+    assert grove(["query", "tinymnist", "test/0"]) == 3  # nothing serves: the newest snapshot is read
+    assert "cannot read the snapshot record" in capsys.readouterr().err
+    path.write_text('{"date": "2026-11-01"}')
+    with pytest.raises(ArtifactError, match=r"has no pins; delete it"):
+        snapshot.read_snapshot(path)
