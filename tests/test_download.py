@@ -238,6 +238,77 @@ def test_package_url_failures_are_explained(server: LoopbackServer, tmp_path: Pa
     assert dest.read_bytes() == DATA
 
 
+def _mnist_test_sources() -> dict[str, dict]:
+    """configs/mnist.toml's sources for the two MNIST test files (filename, md5, sha256, urls)."""
+    import tomllib
+
+    from conftest import REPO
+
+    sources = tomllib.loads((REPO / "configs" / "mnist.toml").read_text())["sources"]
+    return {name: sources[name] for name in ("test_images", "test_labels")}
+
+
+@pytest.mark.parametrize("source", ["test_images", "test_labels"])
+def test_grove_ships_the_mnist_test_files_with_the_published_checksums(tmp_path: Path, source: str) -> None:
+    """package://grove/pipeline/data/... is a file installed with grove (found beside pipeline/, so an
+    editable install works too); it is copied and checked like any other download."""
+    src = _mnist_test_sources()[source]
+    url = f"package://grove/pipeline/data/mnist/{src['filename']}"
+    dest = fetch([url], tmp_path / src["filename"], sha256=src["sha256"], md5=src["md5"])
+    assert file_digest(dest) == src["sha256"] and file_digest(dest, "md5") == src["md5"]
+
+
+@pytest.mark.parametrize("inner, reason", [
+    ("pipeline/data/../download.py", "invalid path"),
+    ("pipeline/data/mnist/../../../setup.cfg", "invalid path"),
+    ("pipeline/download.py", "invalid path"),  # grove's own code is not data
+    ("/etc/passwd", "invalid path"),
+    ("pipeline/data", "invalid path"),
+    ("pipeline/data/mnist/no-such-file.gz", "does not ship 'pipeline/data/mnist/no-such-file.gz'"),
+])
+def test_grove_package_urls_outside_its_data_are_refused(server: LoopbackServer, tmp_path: Path, inner: str,
+                                                         reason: str) -> None:
+    url = f"package://grove/{inner}"
+    with pytest.raises(DownloadError) as caught:
+        fetch([url], tmp_path / "a.gz", sha256=SHA256)
+    assert reason in str(caught.value)
+    assert _leftovers(tmp_path / "a.gz") == []
+    # ...and the next URL is tried.
+    assert fetch([url, server.url(PATH)], tmp_path / "a.gz", sha256=SHA256, **FAST).read_bytes() == DATA
+
+
+def test_grove_package_url_through_a_symlink_out_of_the_data_directory_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.download as download
+
+    data = tmp_path / "data"
+    data.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(DATA)
+    (data / "link.gz").symlink_to(secret)
+    monkeypatch.setattr(download, "PACKAGE_DATA", data)
+    with pytest.raises(DownloadError, match="outside grove's data directory"):
+        fetch(["package://grove/pipeline/data/link.gz"], tmp_path / "out" / "a.gz", sha256=SHA256)
+    assert not (tmp_path / "out" / "a.gz").exists()
+
+
+def test_probe_says_whether_a_url_can_deliver_without_downloading(server: LoopbackServer, tmp_path: Path) -> None:
+    from pipeline.download import probe
+
+    local = tmp_path / "here.gz"
+    local.write_bytes(b"x")
+    assert probe(local.as_uri()) is None
+    assert "no file" in probe((tmp_path / "gone.gz").as_uri())
+    assert probe("package://grove/pipeline/data/mnist/t10k-labels-idx1-ubyte.gz") is None
+    assert "does not ship" in probe("package://grove/pipeline/data/mnist/nothing.gz")
+    assert probe(server.url(PATH)) is None
+    assert [r.method for r in server.requests] == ["HEAD"]  # asked, not downloaded
+    assert probe(server.url("/missing.gz")) == "HTTP 404 Not Found"
+    assert probe(f"http://127.0.0.1:{free_port()}/a.gz").startswith("cannot connect")
+    with pytest.raises(ConfigError, match="unsupported URL"):
+        probe("ftp://example.org/a.gz")
+
+
 def test_missing_local_file_moves_on(server: LoopbackServer, tmp_path: Path) -> None:
     missing = (tmp_path / "nowhere" / "train.gz").as_uri()
     dest = fetch([missing, server.url(PATH)], tmp_path / "train.gz", sha256=SHA256, **FAST)
@@ -304,7 +375,7 @@ def test_progress_increases_to_total_and_is_logged(server: LoopbackServer, tmp_p
                                                    caplog: pytest.LogCaptureFixture) -> None:
     server.files["/big.bin"] = big = DATA * 4  # 1.2 MB: about 19 chunks of 64 KiB
     seen: list[tuple[int, int | None]] = []
-    with caplog.at_level(logging.INFO, logger="pipeline.download"):
+    with caplog.at_level(logging.DEBUG, logger="pipeline.download"):
         fetch([server.url("/big.bin")], tmp_path / "big.bin", sha256=hashlib.sha256(big).hexdigest(),
               progress=lambda done, total: seen.append((done, total)), **FAST)
     done = [d for d, _ in seen]

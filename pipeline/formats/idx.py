@@ -1,7 +1,12 @@
 """Reader for the IDX format of the MNIST files (gzip-compressed or not).
 
 Layout: two zero bytes, a dtype code, the number of dimensions, then one big-endian uint32 per
-dimension, then the values in big-endian row-major order.
+dimension, then the values in big-endian row-major order. Read as one big-endian uint32, the first
+four bytes are the file's "magic number": 2049 (0x00000801, uint8, 1 dimension) for MNIST labels,
+2051 (0x00000803, uint8, 3 dimensions) for MNIST images.
+
+The errors say what is wrong with the file; they do not say what to do about it, because only the
+caller knows where the file came from (``pipeline.decode`` adds that for a fetched source).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ def _read_bytes(path: Path) -> bytes:
         return gzip.decompress(raw)
     except (EOFError, OSError, zlib.error) as exc:
         raise FormatError(
-            f"{path}: the gzip stream is truncated or corrupt ({exc}); delete the file and fetch it again"
+            f"{path}: the gzip stream is truncated or corrupt ({exc})"
         ) from exc
 
 
@@ -40,8 +45,9 @@ def read_idx(path: str | Path, expect_ndim: int | None = None) -> np.ndarray:
     """Read an IDX file into a native-endian numpy array of the shape its header gives.
 
     MNIST images come back as uint8 (n, 28, 28), labels as uint8 (n,).
-    Raises FormatError for a wrong magic number, an unknown dtype code, an unexpected number of
-    dimensions, or a data section shorter or longer than the header promises.
+    Raises FormatError for a wrong magic number, an unknown dtype code, a number of dimensions other
+    than ``expect_ndim`` (a labels file given as images says so, with both magic numbers), a corrupt
+    gzip stream, or a data section shorter or longer than the header promises.
     """
     path = Path(path)
     data = _read_bytes(path)
@@ -59,7 +65,11 @@ def read_idx(path: str | Path, expect_ndim: int | None = None) -> np.ndarray:
     if ndim == 0:
         raise FormatError(f"{path}: IDX header declares 0 dimensions (expected at least 1)")
     if expect_ndim is not None and ndim != expect_ndim:
-        raise FormatError(f"{path}: IDX file has {ndim} dimensions, expected {expect_ndim}")
+        magic, wanted = int.from_bytes(data[:4], "big"), (code << 8) | expect_ndim
+        raise FormatError(
+            f"{path}: this is an IDX {_kind(ndim)} file (magic {magic}: {_DTYPES[code].name}, {_dims(ndim)}), "
+            f"expected {_kind(expect_ndim)} (magic {wanted}: {_dims(expect_ndim)})"
+        )
     header_len = 4 + 4 * ndim
     if len(data) < header_len:
         raise FormatError(f"{path}: truncated IDX header ({len(data)} bytes, expected {header_len})")
@@ -70,11 +80,19 @@ def read_idx(path: str | Path, expect_ndim: int | None = None) -> np.ndarray:
     if actual != expected:
         what = "truncated" if actual < expected else "has trailing bytes"
         raise FormatError(
-            f"{path}: IDX data section {what}: header shape {shape} needs {expected} bytes, found {actual}; "
-            "delete the file and fetch it again"
+            f"{path}: IDX data section {what}: header shape {shape} needs {expected} bytes, found {actual}"
         )
     array = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=True)
+
+
+def _kind(ndim: int) -> str:
+    """What an IDX file of ``ndim`` dimensions holds by MNIST's convention."""
+    return {1: "labels", 3: "images"}.get(ndim, f"{ndim}-dimensional")
+
+
+def _dims(ndim: int) -> str:
+    return f"{ndim} dimension" + ("" if ndim == 1 else "s")
 
 
 def write_idx(path: str | Path, array: np.ndarray, compress: bool = False) -> Path:

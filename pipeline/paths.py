@@ -1,0 +1,99 @@
+"""Where grove writes: the artifact root, the per-machine scratch directory, and safe names.
+
+Every path grove writes under the artifact root is made by ``under_root``, which refuses a path that
+resolves outside the root (a name with ``..``, an absolute path, a symlink leading away). Names that
+come from configs, data or the command line (dataset names, source file names) are checked by
+``check_name`` / ``check_filename`` before they become paths.
+
+The scratch directory is per machine and safe to lose (verified-stamps, caches): ``GROVE_SCRATCH``,
+else ``$XDG_CACHE_HOME/grove``, else ``~/.cache/grove``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import ConfigError
+
+# Dataset and config names: letters, digits, '.', '_' and '-', starting with a letter or digit.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+NAME_RULE = "1-100 characters of letters, digits, '.', '_' and '-', starting with a letter or digit"
+
+
+def is_safe_name(name: str) -> bool:
+    return isinstance(name, str) and bool(_NAME.fullmatch(name)) and ".." not in name
+
+
+def check_name(name: str, what: str = "dataset name") -> str:
+    """``name`` if it is a safe dataset/config name, else a ConfigError saying what is allowed."""
+    if not is_safe_name(name):
+        raise ConfigError(f"{what} {name!r} is not allowed: use {NAME_RULE}")
+    return name
+
+
+def filename_problem(name: object) -> str | None:
+    """Why ``name`` is not a plain file name (None if it is one)."""
+    if not isinstance(name, str) or not name:
+        return "it is empty"
+    if "\x00" in name:
+        return "it contains a NUL character"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator ('/' or '\\')"
+    if name in (".", "..") or ".." in name:
+        return "it contains '..'"
+    if os.path.isabs(name):
+        return "it is an absolute path"
+    return None
+
+
+def check_filename(name: str, where: str) -> str:
+    """``name`` if it is a plain file name; else a ConfigError naming ``where`` (file and key)."""
+    problem = filename_problem(name)
+    if problem:
+        raise ConfigError(f"{where} = {name!r} is not a plain file name: {problem}. "
+                          "Give a bare file name such as 'train-images.gz'")
+    return name
+
+
+def under_root(root: str | os.PathLike, *parts: str) -> Path:
+    """``root / parts...``, refused (ConfigError) when it would resolve outside ``root``."""
+    root_path = Path(root)
+    path = root_path.joinpath(*parts)
+    resolved_root = root_path.resolve()
+    resolved = path.resolve()
+    if resolved != resolved_root and resolved_root not in resolved.parents:
+        raise ConfigError(f"refusing to write {path}: it resolves to {resolved}, outside the artifact root "
+                          f"{resolved_root}")
+    return path
+
+
+def scratch_dir() -> Path:
+    """This machine's scratch directory (created on demand by its users; safe to delete)."""
+    env = os.environ.get("GROVE_SCRATCH")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "grove"
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling and a rename: a reader (or a full or
+    read-only disk) leaves the old file or the new one, never half of one. Creates the parent."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    return path
