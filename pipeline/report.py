@@ -31,6 +31,9 @@ from . import __version__
 from .artifacts import LATEST, MANIFEST, list_versions, read_pointer
 from .curse import DatasetContrast
 from .errors import ArtifactError, IndexFormatError, IndexMismatchError
+from .evaluate import read_results
+from .evaluate import finite_or_none, spread_percent
+from .paths import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +115,28 @@ def _png_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _measured(value: Any) -> float:
+    """A QPS figure as a float; nan when it was not measured (None in strict JSON, NaN in older results)."""
+    return float(value) if isinstance(value, (int, float, np.integer, np.floating)) else float("nan")
+
+
+def _spread_text(row: Mapping, key: str = "qps") -> str | None:
+    """``"±3.1%"``: half the min-max range of a row's timed passes over their median; None without them."""
+    p = spread_percent(row, key)
+    return None if p is None else f"±{p:.1f}%"
+
+
+def _qps_text(row: Mapping, digits: int = 0) -> str:
+    """``"23,629 QPS ±3.1%"``."""
+    spread = _spread_text(row)
+    return f"{_measured(row.get('qps')):,.{digits}f} QPS" + (f" {spread}" if spread else "")
+
+
 def pareto_frontier(rows: Sequence[Mapping]) -> list[int]:
     """Indices of the rows no other row beats on both recall and qps (ties kept), by rising recall."""
-    pts = [(float(r["recall"]), float(r["qps"])) for r in rows]
-    keep = [i for i, (rc, q) in enumerate(pts)
-            if not any((r2 >= rc and q2 >= q) and (r2 > rc or q2 > q) for r2, q2 in pts)]
+    pts = [(float(r["recall"]), _measured(r.get("qps"))) for r in rows]  # not measured: nan, never on the front
+    keep = [i for i, (rc, q) in enumerate(pts) if math.isfinite(q)
+            and not any((r2 >= rc and q2 >= q) and (r2 > rc or q2 > q) for r2, q2 in pts)]
     return sorted(keep, key=lambda i: pts[i])
 
 
@@ -127,13 +147,17 @@ def plot_recall_qps(rows: Sequence[Mapping], k: int = 10, title: str = "") -> st
     forest = [r for r in rows if r.get("method", "forest") != "exact" and r["n_trees"]]
     for n_trees in sorted({r["n_trees"] for r in forest}):
         g = sorted((r for r in forest if r["n_trees"] == n_trees), key=lambda r: r["search_k"])
-        line, = ax.plot([r["recall"] for r in g], [r["qps"] for r in g], marker="o", ms=5, lw=1.8,
+        line, = ax.plot([r["recall"] for r in g], [_measured(r["qps"]) for r in g], marker="o", ms=5, lw=1.8,
                         label=f"forest, n_trees = {n_trees}")
+        spread = [r for r in g if r.get("qps_min") is not None and r.get("qps_max") is not None]
+        if spread:  # the min-max range of the timed passes, as a bar through each point
+            ax.vlines([r["recall"] for r in spread], [r["qps_min"] for r in spread], [r["qps_max"] for r in spread],
+                      color=line.get_color(), lw=1.2, alpha=0.8)
         for r in g:
-            ax.annotate(f"{r['search_k']:,}", (r["recall"], r["qps"]), textcoords="offset points", xytext=(4, 5),
-                        fontsize=7, color=line.get_color())
+            ax.annotate(f"{r['search_k']:,}", (r["recall"], _measured(r["qps"])), textcoords="offset points",
+                        xytext=(4, 5), fontsize=7, color=line.get_color())
     for r in rows:
-        if r.get("method") == "exact" or not r["n_trees"]:
+        if (r.get("method") == "exact" or not r["n_trees"]) and math.isfinite(_measured(r["qps"])):
             ax.scatter([r["recall"]], [r["qps"]], marker="*", s=220, color="black", zorder=5,
                        label="exact search (brute force)")
     front = [rows[i] for i in pareto_frontier(rows)]
@@ -447,8 +471,8 @@ def summarize_results(results: Mapping) -> dict:
     rows = results.get("rows", [])
     forest = _forest_rows(rows)
     good = [r for r in forest if r["recall"] >= QPS_RECALL_TARGET]
-    best = max(forest, key=lambda r: (r["recall"], r["qps"]), default=None)
-    fast = max(good, key=lambda r: r["qps"], default=None)
+    best = max(forest, key=lambda r: (r["recall"], _measured(r["qps"])), default=None)
+    fast = max((r for r in good if math.isfinite(_measured(r["qps"]))), key=lambda r: r["qps"], default=None)
     largest = max(forest, key=lambda r: r["n_trees"], default=None)
     exact = next((r for r in rows if r.get("method") == "exact" or not r["n_trees"]), None)
     return {
@@ -458,6 +482,7 @@ def summarize_results(results: Mapping) -> dict:
         "fast": fast,
         "build_seconds": largest["build_seconds"] if largest else None,
         "exact_qps": exact["qps"] if exact else None,
+        "exact": exact,
     }
 
 
@@ -513,10 +538,12 @@ def write_evaluation_report(
     front = set(pareto_frontier(rows))
 
     table_rows = [[r.get("method", "forest"), r["n_trees"] or "", r["search_k"] or "", r["recall"], r["qps"],
-                   r.get("batch_qps"), r.get("build_seconds"), r.get("index_bytes", 0) / 1e6, "✓" if i in front else ""]
+                   _spread_text(r, "qps"), r.get("batch_qps"), _spread_text(r, "batch_qps"), r.get("build_seconds"),
+                   r.get("index_bytes", 0) / 1e6, "✓" if i in front else ""]
                   for i, r in enumerate(rows)]
-    results_table = _table(["method", "n_trees", "search_k", f"recall@{k}", "QPS", "batch QPS", "build (s)",
-                            "index (MB)", "Pareto"], table_rows, num=[False] + [True] * 7 + [False],
+    results_table = _table(["method", "n_trees", "search_k", f"recall@{k}", "QPS", "QPS spread", "batch QPS",
+                            "batch spread", "build (s)", "index (MB)", "Pareto"], table_rows,
+                           num=[False] + [True] * 9 + [False],
                            row_classes=["pareto" if i in front else "" for i in range(len(rows))])
 
     sections: dict[str, str] = {"neighbours": "", "words": "", "curse": "", "quality": ""}
@@ -546,13 +573,19 @@ def write_evaluation_report(
     if s["best"]:
         b = s["best"]
         summary.append((f"best recall@{k}", f"{b['recall']:.4f} (n_trees {b['n_trees']}, search_k {b['search_k']:,}, "
-                                            f"{b['qps']:,.0f} QPS)"))
+                                            f"{_qps_text(b)})"))
     if s["fast"]:
         f = s["fast"]
         summary.append((f"fastest at recall@{k} ≥ {QPS_RECALL_TARGET}",
-                        f"{f['qps']:,.0f} QPS (n_trees {f['n_trees']}, search_k {f['search_k']:,}, recall {f['recall']:.4f})"))
+                        f"{_qps_text(f)} (n_trees {f['n_trees']}, search_k {f['search_k']:,}, recall {f['recall']:.4f})"))
     if s["exact_qps"] is not None:
-        summary.append(("exact search", f"{s['exact_qps']:,.1f} QPS"))
+        summary.append(("exact search", _qps_text(s["exact"], digits=1)))
+    if results.get("repeats"):
+        exact_n = results.get("n_timed_exact")
+        summary.append(("QPS measured as", f"the median of {results['repeats']} warmed-up passes over "
+                                           f"{results.get('n_timed', '?')} queries"
+                                           + (f" ({exact_n} for exact search)" if exact_n is not None else "")
+                                           + "; spread: ± half the min–max range of the passes"))
     if curse_d is not None:
         summary.append(("equivalent normal dimension", f"{curse_d['equivalent_dimension']:.1f} "
                                                        f"(of {curse_d['dim']} actual dimensions)"))
@@ -576,7 +609,9 @@ def write_evaluation_report(
     path.write_text(page, encoding="utf-8")
     sidecar = {"dataset": dataset, "version": version, "generated_utc": _now(), "curse": curse_d,
                "quality": dict(_flatten_quality(quality)) if quality else None}
-    (out_dir / REPORT_JSON).write_text(json.dumps(sidecar, indent=2, default=float) + "\n", encoding="utf-8")
+    # Strict JSON: a non-finite number (a contrast ratio or a correlation that could not be measured) is null.
+    sidecar = finite_or_none(json.loads(json.dumps(sidecar, default=float)))
+    (out_dir / REPORT_JSON).write_text(json.dumps(sidecar, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     log.info("wrote %s", path)
     return path
 
@@ -616,7 +651,7 @@ def scan_evaluations(root: str | os.PathLike) -> list[dict]:
             if not results_path.is_file():
                 log.warning("%s has no results.json; left out of the index", path)
                 continue
-            results = json.loads(results_path.read_text(encoding="utf-8"))
+            results = read_results(path)
             s = summarize_results(results)
             sidecar = path / REPORT_JSON
             extra = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
@@ -691,7 +726,7 @@ def write_index_page(root: str | os.PathLike, out_path: str | os.PathLike,
                               overview, num=[False, True, False, True, True, True, False]),
         curse_section=curse_section, datasets="".join(blocks), grove_version=__version__, generated=_now())
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(page, encoding="utf-8")
+    write_text_atomic(out_path, page)  # a full disk leaves the old page, not half a new one
     log.info("wrote %s (%d datasets)", out_path, len(info))
     return out_path
 
@@ -721,7 +756,7 @@ def build_evaluation_report(
     root, evaluate_dir = Path(root), Path(evaluate_dir)
     if manifest is None:
         manifest = json.loads((evaluate_dir / MANIFEST).read_text(encoding="utf-8"))
-    results = json.loads((evaluate_dir / "results.json").read_text(encoding="utf-8"))
+    results = read_results(evaluate_dir)
     parents = manifest.get("parents", {})
     split_dir, exact_dir = root / parents["split"], root / parents["exact"]
     base = read_vectors(split_dir / "base.arrow")
