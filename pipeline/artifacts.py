@@ -9,6 +9,9 @@ Publishing is atomic: the stage writes into a temporary sibling ``.tmp-<version>
 ``manifest.json`` is written last, then the directory is renamed into place and the stage's
 ``latest`` pointer (a symlink) is swapped atomically. A crash leaves at most a temporary directory,
 which the next publish of that stage removes once its process is gone.
+
+Whatever serves or is promoted is checked with ``verify_once``: every file's sha256 against the
+manifest, once per change, remembered by a verified-stamp in the per-machine scratch directory.
 """
 
 from __future__ import annotations
@@ -139,12 +142,16 @@ def clean_stale_temporaries(stage_dir: Path) -> list[Path]:
     return removed
 
 
-def _list_files(directory: Path) -> dict[str, dict[str, Any]]:
+def _list_files(directory: Path, measured: set[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    """Every file under ``directory`` with its sha256, size and whether it is a measurement."""
     files = {}
     for path in sorted(directory.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
             rel = path.relative_to(directory).as_posix()
-            files[rel] = {"sha256": file_digest(path), "bytes": path.stat().st_size}
+            files[rel] = {"sha256": file_digest(path), "bytes": path.stat().st_size, "measured": rel in measured}
+    unknown = sorted(measured - set(files))
+    if unknown:
+        raise ArtifactError(f"{directory}: the stage marked {', '.join(unknown)} as measured but did not write them")
     return files
 
 
@@ -153,14 +160,14 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     reader sees the old file or the new one, never half of one. Creates the parent directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
 def _write_json_durably(path: Path, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
@@ -194,7 +201,11 @@ def publish(
 ) -> dict:
     """Run ``write(tmp_dir)`` and publish what it wrote as ``ref``; return the manifest.
 
-    ``write`` fills the directory and may return extra manifest fields (``rows``, ``metrics``...).
+    ``write`` fills the directory and may return extra manifest fields (``rows``, ``metrics``...), and
+    ``measured``: the files (relative paths) holding measurements that never repeat (timings, QPS,
+    timestamps). The manifest marks each file ``"measured": true`` or ``false``; every file marked
+    false must come out byte-identical on any machine, thread count and BLAS build for this version
+    (see benchmarks/repro_check.py). The manifest itself is metadata (times, package versions).
     If another process published the same version meanwhile, its copy is kept and ours dropped.
     """
     ref.stage_dir.mkdir(parents=True, exist_ok=True)
@@ -219,7 +230,7 @@ def publish(
             "packages": package_versions(),
             **extra,
         }
-        manifest["files"] = _list_files(tmp)
+        manifest["files"] = _list_files(tmp, set(manifest.pop("measured", ())))
         _write_json_durably(tmp / MANIFEST, manifest)
         try:
             os.rename(tmp, ref.path)
@@ -291,3 +302,92 @@ def list_versions(root: str | os.PathLike, dataset: str, stage: str) -> list[dic
             m["latest"] = d.name == latest
             out.append(m)
     return sorted(out, key=lambda m: (m.get("created_utc", ""), m["version"]))
+
+
+# --- verified once per change --------------------------------------------------------------------
+
+VERIFIED_DIR = "verified"
+_STAMP_FORMAT = 1
+# A file changed within this many nanoseconds of being stamped could change again inside the same
+# timestamp tick without its mtime moving (git's "racy clean" problem); such a version is verified
+# but not stamped, so the next use hashes it again. (Local file systems tick every few ms.)
+RACY_NS = 1_000_000_000
+
+
+def stamp_path(path: str | os.PathLike) -> Path:
+    """Where the verified-stamp of the version at ``path`` lives: in this machine's scratch directory
+    (``<scratch>/verified/<sha256 of the resolved path>.json``), never inside the artifact."""
+    from .paths import scratch_dir
+
+    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32]
+    return scratch_dir() / VERIFIED_DIR / f"{key}.json"
+
+
+def _file_state(f: Path) -> list[int]:
+    """What a verified-stamp remembers of one file: size, mtime_ns, ctime_ns and inode. A write changes
+    mtime and ctime; a replaced file has a new inode; ``touch -d`` can put mtime back, but not ctime."""
+    st = f.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _read_stamp(stamp: Path) -> dict | None:
+    """A stamp's content, or None when there is none or it cannot be read: that only means verify again."""
+    try:
+        data = json.loads(stamp.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.info("verified-stamp %s is unreadable (%s); verifying again", stamp, exc)
+        return None
+    return data if isinstance(data, dict) and data.get("format") == _STAMP_FORMAT else None
+
+
+def _damage(path: Path, manifest: dict, f: Path, problem: str) -> ArtifactError:
+    dataset = manifest.get("dataset") or path.parent.parent.name
+    return ArtifactError(f"{f}: {problem}; the version {path.name} is damaged. "
+                         f"Run `grove run {dataset} --rebuild` to remove and rebuild it.")
+
+
+def verify_once(path: str | os.PathLike, force: bool = False) -> dict:
+    """The manifest of the version at ``path``, after checking every file's sha256 once per change.
+
+    A stamp in the scratch directory remembers each file's (size, mtime_ns, ctime_ns, inode) as they
+    were when their digests last matched the manifest; when they all still match, the files are
+    trusted without reading them. Otherwise (or with ``force``) every file is hashed again and, if all
+    match, the stamp is rewritten (atomically). Raises ArtifactError naming the missing, truncated or
+    changed file and telling the user to run ``grove run DATASET --rebuild``.
+    """
+    path = Path(path)
+    manifest = read_manifest(path, verify="none")
+    files = {MANIFEST: path / MANIFEST, **{rel: path / rel for rel in manifest.get("files", {})}}
+    state = {}
+    for rel, f in files.items():
+        try:
+            state[rel] = _file_state(f)
+        except FileNotFoundError:
+            raise _damage(path, manifest, f, "listed in the manifest but missing") from None
+    stamp = stamp_path(path)
+    if not force:
+        known = _read_stamp(stamp)
+        if known and known.get("path") == str(path.resolve()) and known.get("files") == state:
+            return manifest
+    for rel, info in manifest.get("files", {}).items():
+        f = files[rel]
+        if state[rel][0] != info["bytes"]:
+            raise _damage(path, manifest, f, f"{state[rel][0]} bytes, the manifest says {info['bytes']}")
+        actual = file_digest(f)
+        if actual != info["sha256"]:
+            raise _damage(path, manifest, f, f"sha256 {actual} does not match the manifest's {info['sha256']}")
+    if any(_file_state(f) != state[rel] for rel, f in files.items()):
+        # Changed while it was being read: what was hashed may not be what is there now.
+        raise _damage(path, manifest, path, "its files changed while they were being verified")
+    if max(max(s[1], s[2]) for s in state.values()) > time.time_ns() - RACY_NS:
+        log.debug("%s: written moments ago; verified but not stamped", path)
+        return manifest
+    try:
+        write_json_atomic(stamp, {"format": _STAMP_FORMAT, "path": str(path.resolve()), "files": state,
+                                  "verified_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    except OSError as exc:  # a scratch directory we cannot write only costs a re-hash next time
+        log.warning("could not write the verified-stamp %s (%s); %s will be hashed again next time",
+                    stamp, exc, path)
+    return manifest

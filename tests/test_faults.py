@@ -1,5 +1,5 @@
 """A worker killed in the middle of a download: the rerun resumes the file (or, for a mutable
-source, starts it over) and completes."""
+source, starts it over) and completes. A repair killed halfway: the damage is still found."""
 
 from __future__ import annotations
 
@@ -80,3 +80,41 @@ def test_sigkill_during_snapshot_of_a_mutable_source_then_rerun_starts_over(tiny
     assert not scratch.exists()
     manifest = artifacts.read_manifest(root / "fetch" / "latest", verify="sha256")
     assert manifest["files"][files["train_images"].name]["bytes"] == files["train_images"].stat().st_size
+
+
+def test_a_repair_cut_short_leaves_the_damage_found_and_refused(tiny_mnist, monkeypatch, capsys):
+    """Children are removed before the damaged version: a repair killed halfway leaves the damage in
+    place, so a plain run refuses it (exit 1) and `--rebuild` finds it again and completes the repair."""
+    from pipeline import lifecycle
+    from tasks.chain import Chain, chain_graph
+
+    assert grove(["run", "tinymnist"]) == 0
+    root = tiny_mnist["root"] / "tinymnist"
+    split = next((root / "split").glob("v[0-9]*-*"))
+    data = bytearray((split / "base.arrow").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (split / "base.arrow").write_bytes(bytes(data))
+
+    removed = []
+    remove_version = lifecycle.remove_version
+
+    def killed_after_two(path):
+        if len(removed) == 2:
+            raise KeyboardInterrupt  # the process dies here
+        removed.append(path)
+        remove_version(path)
+
+    monkeypatch.setattr(lifecycle, "remove_version", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        lifecycle.repair(chain_graph([Chain(dataset="tinymnist")]), force=True)
+    monkeypatch.setattr(lifecycle, "remove_version", remove_version)
+    luigi.task_register.Register.clear_instance_cache()
+    assert [p.parent.name for p in removed] == ["evaluate", "forest"] and split.is_dir()
+
+    capsys.readouterr()
+    assert grove(["run", "tinymnist"]) == 1  # the missing forest is built from the split: refused
+    assert "base.arrow" in capsys.readouterr().err
+    assert grove(["run", "tinymnist", "--rebuild"]) == 0
+    assert f"removed damaged tinymnist/split/{split.name}" in capsys.readouterr().err
+    for version in root.glob("*/v[0-9]*-*"):
+        artifacts.read_manifest(version, verify="sha256")

@@ -18,10 +18,10 @@ from pipeline.errors import ConfigError
 from tasks.cli import main as grove
 
 
-def _set_gate(tiny_mnist, min_recall):
+def _set_gate(tiny_mnist, min_recall, min_qps=0):
     path = tiny_mnist["config"]
     text = path.read_text().split("\n[gate]")[0]
-    path.write_text(text + f"\n[gate]\nmin_recall = {min_recall}\nn_trees = 4\nsearch_k = 2000\n")
+    path.write_text(text + f"\n[gate]\nmin_recall = {min_recall}\nmin_qps = {min_qps}\nn_trees = 4\nsearch_k = 2000\n")
     luigi.task_register.Register.clear_instance_cache()
 
 
@@ -127,7 +127,7 @@ def test_range_daily_base_backfills_rebuild_through_the_luigi_command(rebuild_en
     assert len(artifacts.list_versions(root, "tinymnist", "evaluate")) == 1  # same bytes every day: built once
     # Every day done: a rerun finds nothing to do; a broken config exits with [retcode] task_failed (30).
     assert subprocess.run(command, cwd=REPO, env=os.environ.copy(), capture_output=True, timeout=120).returncode == 0
-    _set_gate(rebuild_env, 1.01)
+    _set_gate(rebuild_env, 1.0, min_qps=1e12)  # a gate no index meets
     command[command.index("2026-11-04")] = "2026-11-05"
     run = subprocess.run(command, cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=120)
     assert run.returncode == 30, run.stdout[-3000:] + run.stderr[-3000:]
