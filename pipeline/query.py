@@ -54,7 +54,7 @@ def query_vector(text: str, kind: str, base: VectorTable, queries: VectorTable) 
             raise ConfigError(f"not in the vocabulary: {', '.join(missing) or repr(text)}; try other words")
         total = normalize_rows(np.sum(vectors, axis=0, keepdims=True))[0]
         return total, {w for w in text.split()} | {w.lower() for w in text.split()}
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # '²' and '٣' are digits to str.isdigit, not numbers
         if int(text) >= len(queries):
             raise ConfigError(f"query number {text} is out of range: there are {len(queries)} queries")
         return np.asarray(queries.vectors[int(text)], dtype=np.float32), set()

@@ -1,15 +1,26 @@
 """Thin Luigi tasks over ``pipeline``: ``luigi --module tasks Chain --dataset mnist --local-scheduler``."""
 
+import os
 import sys
 
 import luigi.configuration
 
-from .base import ArtifactTarget, GroveTask, grove
-from .chain import Chain, Decode, Embed, Evaluate, Exact, Features, Fetch, Forest, Snapshot, Split, Train
-from .rebuild import DatedRecord, QualityGateError, Rebuild
+from . import settings
+
+settings.install()  # the nearest luigi.cfg, from any working directory (tasks/settings.py)
+
+from . import logs  # noqa: E402  (event handlers: what runs, what failed)
+from .base import ArtifactTarget, GroveTask, grove  # noqa: E402
+from .chain import Chain, Decode, Embed, Evaluate, Exact, Features, Fetch, Forest, Snapshot, Split, Train  # noqa: E402
+from .rebuild import DatedRecord, QualityGateError, Rebuild  # noqa: E402
 
 __all__ = ["ArtifactTarget", "Chain", "DatedRecord", "Decode", "Embed", "Evaluate", "Exact", "Features", "Fetch", "Forest",
            "GroveTask", "QualityGateError", "Rebuild", "Snapshot", "Split", "Train", "grove"]
+
+if os.path.basename(sys.argv[0]) == "luigi" and "--module" in sys.argv[1:]:
+    # `luigi --module tasks ...`: the same quiet terminal as `grove` (Luigi's summary kept, failures as
+    # one line each as they happen), unless luigi.cfg [grove] verbose or GROVE_VERBOSE asks for all.
+    logs.setup(verbose=logs.verbose_setting(), luigi_summary=True, immediate_failures=True)
 
 if "--local-scheduler" in sys.argv[1:]:
     # `luigi --module tasks ... --local-scheduler`: luigi.cfg keeps workers alive so that under luigid

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import time
@@ -11,8 +13,29 @@ import luigi
 
 from pipeline import artifacts, stages
 from pipeline.config import apply_pins, load_config
+from pipeline.errors import ConfigError
+
+from . import settings
 
 log = logging.getLogger("luigi-interface")
+
+# task_id -> output while ``fixed_outputs()`` is active (see there); None otherwise.
+_fixed_outputs: contextvars.ContextVar[dict | None] = contextvars.ContextVar("grove_fixed_outputs", default=None)
+
+
+@contextlib.contextmanager
+def fixed_outputs():
+    """Within this block every task's ``output()`` is computed once. An output names its parents'
+    outputs, so without this a walk over a chain recomputes the chain below each task again (and a
+    forest's digest reads the embedding's manifest each time). Only for blocks that build nothing."""
+    if _fixed_outputs.get() is not None:
+        yield
+        return
+    token = _fixed_outputs.set({})
+    try:
+        yield
+    finally:
+        _fixed_outputs.reset(token)
 
 
 class grove(luigi.Config):
@@ -29,14 +52,28 @@ class grove(luigi.Config):
     rebuild_datasets = luigi.Parameter(default="mnist,glove", significant=False,
                                        description="comma-separated datasets that Rebuild covers")
 
+    verbose = luigi.BoolParameter(default=False, significant=False,
+                                  description="print Luigi's chatter and tracebacks on the terminal (GROVE_VERBOSE)")
+
     def artifact_root(self) -> Path:
-        return Path(os.environ.get("GROVE_ARTIFACTS") or self.artifacts or "artifacts")
+        """GROVE_ARTIFACTS (relative to the working directory), else ``artifacts`` of luigi.cfg (relative
+        to that file's directory), else ``artifacts`` beside luigi.cfg. A URL is refused for now."""
+        env = os.environ.get("GROVE_ARTIFACTS")
+        value = env or self.artifacts or "artifacts"
+        check_local_root(value)
+        path = Path(value).expanduser()
+        if path.is_absolute() or env:
+            return path
+        return settings.base_dir() / path
 
     def mirror_prefix(self) -> str | None:
         return os.environ.get("GROVE_MIRROR") or self.mirror or None
 
     def config_dir(self) -> str | None:
-        return self.configs or None
+        if not self.configs:
+            return None
+        path = Path(self.configs).expanduser()
+        return str(path if path.is_absolute() else settings.base_dir() / path)
 
     def rebuild_list(self) -> list[str]:
         names = os.environ.get("GROVE_REBUILD_DATASETS") or self.rebuild_datasets
@@ -45,6 +82,14 @@ class grove(luigi.Config):
     def thread_count(self) -> int:
         n = int(os.environ.get("GROVE_THREADS") or self.threads or 0)
         return n if n > 0 else (os.cpu_count() or 1)
+
+
+def check_local_root(value: str) -> None:
+    """Refuse an artifact root that is a URL (``s3://...``): only local directories are supported."""
+    if "://" in value:
+        scheme = value.split("://", 1)[0]
+        raise ConfigError(f"artifact root {value!r}: {scheme}:// roots are not supported; the artifact root must be "
+                          "a local directory (GROVE_ARTIFACTS or luigi.cfg [grove] artifacts)")
 
 
 class ArtifactTarget(luigi.Target):
@@ -104,17 +149,48 @@ class GroveTask(luigi.Task):
         return self.parent_refs()[name].path
 
     def output(self) -> ArtifactTarget:
+        memo = _fixed_outputs.get()
+        if memo is not None and self.task_id in memo:
+            return memo[self.task_id]
         ref = artifacts.make_ref(grove().artifact_root(), self.dataset, self.stage, stages.FORMATS[self.stage],
                                  self.stage_params(), self.parent_refs())
+        if memo is not None:
+            memo[self.task_id] = ArtifactTarget(ref)
         return ArtifactTarget(ref)
 
+    def complete(self) -> bool:
+        """Published, and so is every version it was built from (at any depth): a stage whose parent
+        is missing (removed as damaged, deleted by hand) is not complete, so Luigi looks below it and
+        builds what is gone, then this stage again (see ``run``)."""
+        with fixed_outputs():
+            return self._complete({})
+
+    def _complete(self, memo: dict[str, bool]) -> bool:
+        # ``memo`` spans one complete() call: a diamond (split under exact, every forest and evaluate)
+        # is looked at once. Nothing is kept between calls, so a removal is seen at once.
+        if self.task_id not in memo:
+            memo[self.task_id] = self.output().exists() and all(
+                parent._complete(memo) if type(parent).complete is GroveTask.complete else parent.complete()
+                for parent in self.parent_tasks().values())
+        return memo[self.task_id]
+
     def report(self, fraction: float, message: str) -> None:
-        """Progress to the scheduler, at most about once a second (each call is an RPC under luigid)."""
+        """Progress to the terminal (``pipeline.progress``: a bar on a TTY, periodic log lines otherwise)
+        and to the scheduler, at most about once a second (each call is an RPC under luigid)."""
+        from pipeline import progress
+
+        fraction = max(0.0, min(1.0, float(fraction)))
+        if "_progress_name" not in self.__dict__:  # e.g. Train(mnist-cnn), Forest(glove, n_trees=10)
+            params = dict(self.get_params())
+            extra = [f"{n}={params[n].serialize(v)}" for n, v in self.param_kwargs.items()
+                     if n not in ("dataset", "pins") and params[n].significant]
+            self.__dict__["_progress_name"] = f"{self.get_task_family()}({', '.join([self.dataset, *extra])})"
+        progress.update(self.task_id, self.__dict__["_progress_name"], fraction, message)
         now = time.monotonic()
         if fraction < 1.0 and now - self.__dict__.get("_last_report", 0.0) < 1.0:
             return
         self.__dict__["_last_report"] = now
-        self.set_progress_percentage(round(100 * max(0.0, min(1.0, fraction))))
+        self.set_progress_percentage(round(100 * fraction))
         self.set_status_message(message)
 
     def write(self, tmp: Path) -> dict | None:
@@ -125,4 +201,7 @@ class GroveTask(luigi.Task):
             # A half-written or damaged parent is an error, not an input: every file is checked
             # against its manifest's sha256 (a flipped byte in embeddings or an index is caught here).
             artifacts.read_manifest(ref.path, verify="sha256")
+        # Already published (this ran only because a version it was built from was gone and has been
+        # built again): publish keeps it, as the same digest names the same bytes. `grove run --rebuild`
+        # and the nightly repair remove such dependents first when their parent was damaged.
         artifacts.publish(self.output().ref, self.write, self.stage_params(), self.parent_refs())

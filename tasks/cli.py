@@ -17,7 +17,11 @@ from pipeline import artifacts
 from pipeline.config import available_datasets, load_config
 from pipeline.errors import ArtifactError, ConfigError, GroveError
 
+from . import logs
+from . import settings as grove_settings
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ARTIFACT, EXIT_SCHEDULING, EXIT_NOT_RUN, EXIT_MISSING, EXIT_GATE = range(8)
+_LAST_RUN: dict = {"completed": set()}
 STAGES = ("fetch", "decode", "embed", "split", "exact", "forest", "evaluate")
 
 
@@ -29,58 +33,90 @@ def _settings():
 
 def _chain_outputs(tasks: list) -> list[Path]:
     """The version directories every task below ``tasks`` reads or writes."""
-    from luigi.task import flatten
+    from .chain import chain_graph
 
-    from .base import GroveTask
-    from .chain import Chain, current_evaluate
-
-    seen, paths, stack = set(), [], list(tasks)
-    while stack:
-        task = stack.pop()
-        if task.task_id in seen:
-            continue
-        seen.add(task.task_id)
-        if isinstance(task, GroveTask) and task.stage != "snapshot":
-            paths.append(task.output().path)
-        stack.extend(flatten(task.requires()))
-        if isinstance(task, Chain):  # below a snapshot: the chain of the date's (else the newest) snapshot
-            try:
-                stack.append(task.evaluate() or current_evaluate(task.dataset))
-            except ConfigError:  # mutable sources never snapshotted: nothing built yet to check
-                pass
-    return paths
+    return list(chain_graph(tasks))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline import lifecycle
+    from pipeline.evaluate import read_results
     from pipeline.stages import format_results
 
-    from .chain import Chain
+    from .chain import Chain, chain_graph
 
     settings = _settings()
     for dataset in args.datasets:  # every config is checked before any work starts
-        load_config(dataset, settings.config_dir())
+        _check_sources(load_config(dataset, settings.config_dir()), settings)
     chains = [Chain(dataset=d) for d in args.datasets]
+    removed, outside = [], []
     if args.rebuild:
-        for path, why in lifecycle.remove_damaged(_chain_outputs(chains)):
-            print(f"removed damaged {path.name}: {why}", file=sys.stderr)
+        # Every version of the chain is hashed (no verified-stamp is trusted: the user asks for a
+        # repair); the damaged ones and every version built from them go, and the build below makes
+        # them again.
+        graph = chain_graph(chains)
+        removed = lifecycle.repair(graph, force=True)
+        for r in removed:
+            print(f"removed damaged {r.key}: {r.reason}" if r.damaged else f"removed {r.key}: {r.reason}",
+                  file=sys.stderr)
+        if not removed:
+            print(f"checked {len(graph)} version(s): none damaged", file=sys.stderr)
+        # What serves but the current config does not build cannot be rebuilt here: only reported.
+        root = settings.artifact_root()
+        serving = [p for d in args.datasets for p in lifecycle.serving_closure(root, d) if p not in graph]
+        outside = lifecycle.check_versions(serving, force=True)
     code = _build(chains, args)
     for chain in chains:
         dataset, evaluate = chain.dataset, chain.evaluate()
         target = evaluate.output() if evaluate is not None else None
         if target is not None and target.exists():
-            summary = json.loads((target.path / "results.json").read_text())
+            summary = read_results(target.path)
             print(f"\n{dataset}: {target.ref.key}\n{format_results(summary['rows'], summary['k'])}")
+    if args.rebuild:
+        for r in removed:
+            print(f"{'rebuilt' if (r.path / artifacts.MANIFEST).is_file() else 'NOT rebuilt'} {r.key}",
+                  file=sys.stderr)
+        for path, problem in outside:
+            print(f"grove: the serving version uses {lifecycle.version_key(path)}, which the current config does "
+                  f"not build, so --rebuild cannot repair it: {problem}\n  serve a whole version instead: "
+                  f"`grove rollback {path.parent.parent.name}` or `grove promote {path.parent.parent.name} VERSION`",
+                  file=sys.stderr)
+        if code == EXIT_OK and outside:
+            return EXIT_ARTIFACT
     return code
 
 
+def _check_scheduler(host: str, port: int, timeout: float = 3.0) -> None:
+    """Fail fast (exit 4) when no luigid answers at host:port, instead of Luigi's minutes of retries."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{host}:{port}/"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return  # something answers HTTP there; Luigi's own RPC says whether it is a luigid
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SchedulerUnreachable(
+            f"no luigid answers at {host}:{port} ({reason}); start it (see the README, `luigid --address "
+            f"127.0.0.1 --port {port}`) or run without --scheduler-host to use the local scheduler") from exc
+
+
+class SchedulerUnreachable(GroveError, ConnectionError):
+    """The central scheduler named by --scheduler-host does not answer."""
+
+
 def _build(tasks: list, args: argparse.Namespace) -> int:
-    """luigi.build with the command's scheduler options; prints Luigi's summary; returns our exit code."""
+    """luigi.build with the command's scheduler options; prints the summary and one line per failed
+    task; returns our exit code."""
     import luigi
     from luigi.execution_summary import LuigiStatusCode
 
     kwargs = {"workers": args.workers, "detailed_summary": True}
     if args.scheduler_host:
+        _check_scheduler(args.scheduler_host, args.scheduler_port)
         kwargs.update(scheduler_host=args.scheduler_host, scheduler_port=args.scheduler_port)
     else:
         kwargs["local_scheduler"] = True
@@ -88,7 +124,15 @@ def _build(tasks: list, args: argparse.Namespace) -> int:
         # the local scheduler reports a failure at once instead of waiting out retry_delay.
         luigi.configuration.get_config().set("worker", "keep_alive", "false")
     result = luigi.build(tasks, **kwargs)
+    try:
+        from luigi.execution_summary import _summary_dict  # what ran, for the per-dataset lines
+
+        _LAST_RUN["completed"] = set(_summary_dict(result.worker).get("completed", ()))
+    except (ImportError, AttributeError, KeyError, TypeError):  # a private helper of Luigi's: only a detail is lost
+        _LAST_RUN["completed"] = set()
     print(result.summary_text)
+    for line in logs.failure_lines():
+        print(line, file=sys.stderr)
     codes = {
         LuigiStatusCode.SUCCESS: EXIT_OK,
         LuigiStatusCode.SUCCESS_WITH_RETRY: EXIT_OK,
@@ -107,39 +151,58 @@ def _build(tasks: list, args: argparse.Namespace) -> int:
 
 
 def _query_paths(dataset: str) -> tuple[Path, Path, str]:
-    """(split dir, forest dir, where they come from): the serving version, else the current config's."""
+    """(split dir, forest dir, where they come from): the serving version, else the current config's;
+    each checked with ``artifacts.verify_once`` (ArtifactError, exit 3, when missing or damaged)."""
     from pipeline import lifecycle
 
     from .chain import Forest as ForestTask, current_evaluate
 
     root = _settings().artifact_root()
     if lifecycle.serving_version(root, dataset):
-        paths = lifecycle.serving_paths(root, dataset)
+        paths = lifecycle.verified_serving_paths(root, dataset)
         return paths["split"], paths["forest"], f"serving {paths['evaluate'].name}"
     parents = current_evaluate(dataset).parent_tasks()
     forest_task = max((t for t in parents.values() if isinstance(t, ForestTask)), key=lambda t: t.n_trees)
-    return parents["split"].output().ref.path, forest_task.output().ref.path, "current config (nothing serving)"
+    split_dir, forest_dir = parents["split"].output().ref.path, forest_task.output().ref.path
+    for path in (split_dir, forest_dir):
+        if not (path / artifacts.MANIFEST).is_file():
+            raise ArtifactError(f"{dataset}: nothing serves and {lifecycle.version_key(path)} is not built under the "
+                                f"artifact root {root.absolute()}. Run the stage again: `grove run {dataset}` "
+                                "(or point GROVE_ARTIFACTS at the root that holds it)")
+        artifacts.verify_once(path)
+    return split_dir, forest_dir, "current config (nothing serving)"
 
 
 def cmd_query(args: argparse.Namespace) -> int:
     from pipeline import query
     from pipeline.forest import Forest
 
+    def usage(message: str) -> int:
+        print(f"grove query: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+    if args.k < 1:
+        return usage(f"-k must be at least 1, got {args.k}")
+    if args.search_k is not None and args.search_k < -1:
+        return usage(f"--search-k must be -1 (the default, k * n_trees) or at least 0, got {args.search_k}")
+    search_k = None if args.search_k in (None, -1) else args.search_k
     settings = _settings()
     cfg = load_config(args.dataset, settings.config_dir())
-    split_dir, index_dir, origin = _query_paths(args.dataset)
-    for path in (split_dir, index_dir):
-        artifacts.read_manifest(path)  # missing or damaged: a clear error, exit 3
+    if cfg["dataset"]["kind"] != "word2vec" and args.text.isdigit() and not args.text.isascii():
+        # str.isdigit() holds for "²" and "٣" too; a query number is written in ASCII digits
+        return usage(f"query number {args.text!r} is not written with the digits 0-9; give a number such as 3 "
+                     "or an item key such as test/3")
+    split_dir, index_dir, origin = _query_paths(args.dataset)  # verified; missing or damaged: exit 3
     base, queries = query.open_split(split_dir)
     vector, exclude = query.query_vector(args.text, cfg["dataset"]["kind"], base, queries)
     forest = None if args.exact else Forest.load(index_dir / "index", metric=cfg["embed"]["metric"], dim=base.dim)
     if forest is not None:
         forest.query(vector, k=1)  # compile/warm once so the timing below is the query alone
-    approx, truth = query.search(forest, base, vector, args.k, args.search_k, exclude, cfg["embed"]["metric"],
+    approx, truth = query.search(forest, base, vector, args.k, search_k, exclude, cfg["embed"]["metric"],
                                  exact=args.exact or not args.approx_only)
     n_trees = forest.n_trees if forest is not None else "-"
     print(f"{args.dataset}: {args.text!r}  (index {index_dir.name}, {origin}, n_trees={n_trees}, "
-          f"search_k={args.search_k or 'default'})")
+          f"search_k={'default' if search_k is None else search_k})")
     print(query.format_answers(approx, truth))
     return EXIT_OK
 
@@ -151,23 +214,57 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     from .rebuild import Rebuild
 
     settings = _settings()
+    root = settings.artifact_root()
     for dataset in settings.rebuild_list():
-        load_config(dataset, settings.config_dir())
+        cfg = load_config(dataset, settings.config_dir())
+        _check_sources(cfg, settings)
     if args.log:
         Path(args.log).parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(args.log)
+        handler.setLevel(logging.INFO)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
-        logging.getLogger().setLevel(logging.INFO)
-    date = datetime.date.fromisoformat(args.date) if args.date else datetime.date.today()
+    date = args.date or datetime.date.today()
     code = _build([Rebuild(date=date)], args)
-    rejected = [d for d in settings.rebuild_list()
-                if (settings.artifact_root() / d / "records" / f"{date.isoformat()}.rejected.json").is_file()]
+    rejected = []
+    for dataset in settings.rebuild_list():
+        print(_rebuild_summary(root, dataset, date.isoformat()))
+        if (root / dataset / "records" / f"{date.isoformat()}.rejected.json").is_file():
+            rejected.append(dataset)
     if code == EXIT_FAILED and rejected:
         print(f"quality gate rejected: {', '.join(rejected)} (see records/{date.isoformat()}.rejected.json)",
               file=sys.stderr)
         return EXIT_GATE
     return code
+
+
+def _rebuild_summary(root: Path, dataset: str, date: str) -> str:
+    """Per dataset, after a rebuild: what ran, the gate's verdict with its numbers, what serves now."""
+    from pipeline import lifecycle
+
+    ran = sorted({repr(t).split("(")[0] for t in _LAST_RUN["completed"] if getattr(t, "dataset", None) == dataset})
+    lines = [f"{dataset}: " + (f"ran {', '.join(ran)}" if ran else "nothing new to run")]
+    record = None
+    for suffix in (".json", ".rejected.json"):
+        path = root / dataset / "records" / f"{date}{suffix}"
+        if path.is_file():
+            record = json.loads(path.read_text(encoding="utf-8"))
+    if record is None:
+        lines.append("  gate: not judged (the chain did not complete; see the failures above)")
+    else:
+        point = record.get("gate_point") or {}
+        gate = record.get("gate", {})
+        where = f"n_trees={point.get('n_trees')} search_k={point.get('search_k')}" if point else "no gate row"
+        numbers = (f"recall {point['recall']:.4f} (min {gate.get('min_recall', 0)})" if point else "")
+        if point and gate.get("min_qps"):
+            numbers += f", QPS {point['qps']:.0f} (min {gate['min_qps']:.0f})"
+        verdict = "passed" if record.get("passed") else "REJECTED: " + "; ".join(record.get("reasons", []))
+        lines.append(f"  gate at {where}: {numbers}: {verdict}")
+    serving = lifecycle.serving_version(root, dataset)
+    changed = record is not None and record.get("serving_before") != serving
+    lines.append(f"  serving: {serving or 'nothing'}" + (
+        f" (promoted; before: {record.get('serving_before') or 'nothing'})" if changed else " (unchanged)"))
+    return "\n".join(lines)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -217,29 +314,79 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_sources(cfg: dict, settings) -> None:
+    """Every source can be fetched from somewhere: its URLs or the mirror (exit 2 before any work)."""
+    from pipeline import config as config_module
+
+    mirror = settings.mirror_prefix()
+    if mirror:
+        config_module.check_mirror(mirror)
+    config_module.check_sources_reachable(cfg, mirror)
+
+
+def _short_number(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if value != value:  # NaN
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4g}"
+
+
 def cmd_versions(args: argparse.Namespace) -> int:
     from pipeline import lifecycle
 
+    load_config(args.dataset, _settings().config_dir())  # an unknown dataset is exit 2, not an empty list
     root = _settings().artifact_root()
     serving = lifecycle.serving_version(root, args.dataset)
+    rows = []
     for stage in [args.stage] if args.stage else STAGES:
         for m in artifacts.list_versions(root, args.dataset, stage):
             size = sum(f["bytes"] for f in m.get("files", {}).values())
-            flag = ",".join(f for f, on in (("latest", m["latest"]),
-                                            ("serving", stage == "evaluate" and m["version"] == serving)) if on)
-            metrics = m.get("metrics", {})
-            shown = " ".join(f"{k}={v}" for k, v in sorted(metrics.items()))
-            print(f"{stage:<9} {m['version']:<22} {m['created_utc']:<26} {size / 1e6:>9.1f} MB {flag:<14} {shown}")
+            flags = [f for f, on in (("latest", m["latest"]),
+                                     ("SERVING", stage == "evaluate" and m["version"] == serving)) if on]
+            metrics = dict(m.get("metrics", {}))
+            if stage == "forest":
+                metrics = {"n_trees": m.get("params", {}).get("n_trees"), **metrics}
+            shown = " ".join(f"{k}={_short_number(v)}" for k, v in metrics.items())
+            rows.append((stage, m["version"], m.get("created_utc", "")[:19].replace("T", " "),
+                         f"{size / 1e6:,.1f}", ",".join(flags), shown))
+    if not rows:
+        print(f"{args.dataset}: no published versions under {root} ({grove_settings.describe()}); "
+              f"`grove run {args.dataset}` builds them", file=sys.stderr)
+        return EXIT_OK
+    header = ("stage", "version", "created (UTC)", "MB", "flags", "metrics")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    for row in [header, *rows]:
+        print("  ".join([row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].ljust(widths[2]),
+                         row[3].rjust(widths[3]), row[4].ljust(widths[4]), row[5]]).rstrip())
+    if serving is None:
+        print(f"(nothing serves {args.dataset} yet: `grove rebuild` or `grove promote`)")
     return EXIT_OK
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     path = Path(args.version)
     if not path.is_dir():
-        path = _settings().artifact_root() / args.version
+        root = _settings().artifact_root()
+        path = root / args.version
+        if not path.is_dir():
+            raise ArtifactError(f"no version {args.version!r} under the artifact root {root} ({grove_settings.describe()}); "
+                                "`grove versions DATASET` lists them")
     manifest = artifacts.read_manifest(path, verify="sha256" if args.verify else "size")
     print(json.dumps(manifest, indent=2, sort_keys=True))
     return EXIT_OK
+
+
+def _date(text: str):
+    """argparse type for --date: a bad date is a usage error (exit 2) that shows the value."""
+    import datetime
+
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date; use YYYY-MM-DD, e.g. 2026-11-30") from None
 
 
 def _scheduler_options(p: argparse.ArgumentParser) -> None:
@@ -255,79 +402,118 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings: luigi.cfg [grove] (artifacts, mirror, configs, threads) or the environment variables "
         "GROVE_ARTIFACTS, GROVE_MIRROR, GROVE_CONFIGS, GROVE_THREADS.",
     )
+    parser.add_argument("--verbose", action="store_true", default=False,
+                        help="also print Luigi's log and tracebacks (luigi.cfg [grove] verbose, GROVE_VERBOSE)")
+    common = argparse.ArgumentParser(add_help=False)  # --verbose also after the command
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run the whole chain of one or more datasets")
+    p = sub.add_parser("run", parents=[common], help="run the whole chain of one or more datasets")
     p.add_argument("datasets", nargs="+", metavar="DATASET", help="dataset names (configs/<name>.toml)")
     p.add_argument("--rebuild", action="store_true",
-                   help="first check every existing version of the chain against its manifest's sha256 and "
-                        "delete the damaged ones, so they are built again")
+                   help="first check every existing version of the chain against its manifest's sha256, delete "
+                        "the damaged ones and every version built from them, and build them all again")
     _scheduler_options(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("query", help="nearest neighbours of a word, a phrase or an item, approximate and exact")
+    p = sub.add_parser("query", parents=[common], help="nearest neighbours of a word, a phrase or an item, approximate and exact")
     p.add_argument("dataset")
     p.add_argument("text", metavar="TEXT|ID", help="a word or phrase (word datasets), an item key or a query number")
     p.add_argument("-k", type=int, default=10, help="neighbours to show (default 10)")
-    p.add_argument("--search-k", type=int, default=None, help="candidates to inspect (default k * n_trees)")
+    p.add_argument("--search-k", type=int, default=None, help="candidates to inspect (default or -1: k * n_trees)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--exact", action="store_true", help="exact search only")
     mode.add_argument("--approx-only", action="store_true", help="the index only, no exact search beside it")
     p.set_defaults(func=cmd_query)
 
-    p = sub.add_parser("rebuild", help="the dated rebuild cron runs: every rebuild dataset, gated and promoted")
-    p.add_argument("--date", default=None, help="YYYY-MM-DD (default today)")
+    p = sub.add_parser("rebuild", parents=[common], help="the dated rebuild cron runs: every rebuild dataset, gated and promoted")
+    p.add_argument("--date", type=_date, default=None, help="YYYY-MM-DD (default today)")
     p.add_argument("--log", default=None, help="also append the log to this file")
     _scheduler_options(p)
     p.set_defaults(func=cmd_rebuild)
 
-    p = sub.add_parser("promote", help="make an evaluated version serve a dataset (atomic pointer swap)")
+    p = sub.add_parser("promote", parents=[common], help="make an evaluated version serve a dataset (atomic pointer swap)")
     p.add_argument("dataset")
     p.add_argument("version", help="an evaluate version, v1-... (see grove versions DATASET evaluate)")
     p.set_defaults(func=cmd_promote)
 
-    p = sub.add_parser("rollback", help="serve the version that served before the current one")
+    p = sub.add_parser("rollback", parents=[common], help="serve the version that served before the current one")
     p.add_argument("dataset")
     p.set_defaults(func=cmd_rollback)
 
-    p = sub.add_parser("gc", help="delete old versions, keeping the newest N per stage and all that serves "
+    p = sub.add_parser("gc", parents=[common], help="delete old versions, keeping the newest N per stage and all that serves "
                                   "(and cached downloads of mutable sources the newest N snapshots do not pin)")
     p.add_argument("--keep", type=int, default=3, help="versions to keep per stage (default 3)")
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     p.set_defaults(func=cmd_gc)
 
-    p = sub.add_parser("report", help="write the index page over every dataset's evaluations and reports")
+    p = sub.add_parser("report", parents=[common], help="write the index page over every dataset's evaluations and reports")
     p.add_argument("--out", default=None, help="where to write it (default <artifact root>/index.html)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("datasets", help="list the configured datasets")
+    p = sub.add_parser("datasets", parents=[common], help="list the configured datasets")
     p.set_defaults(func=cmd_datasets)
 
-    p = sub.add_parser("versions", help="list the published versions of a dataset's stages")
+    p = sub.add_parser("versions", parents=[common], help="list the published versions of a dataset's stages")
     p.add_argument("dataset")
     p.add_argument("stage", nargs="?", choices=STAGES, help="one stage (default: all)")
     p.set_defaults(func=cmd_versions)
 
-    p = sub.add_parser("show", help="print the manifest of one version")
+    p = sub.add_parser("show", parents=[common], help="print the manifest of one version")
     p.add_argument("version", help="a path, or dataset/stage/version under the artifact root")
     p.add_argument("--verify", action="store_true", help="also check every file's sha256")
     p.set_defaults(func=cmd_show)
     return parser
 
 
+def _os_error_message(exc: OSError) -> str:
+    """``cannot write /x/index.html: No space left on device (ENOSPC)``: one line, the path and the cause."""
+    import errno
+
+    name = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+    where = exc.filename or "a file"
+    cause = exc.strerror or str(exc)
+    return f"cannot use {where}: {cause}" + (f" ({name})" if name else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    grove_settings.install()
+    logs.setup(verbose=args.verbose or logs.verbose_setting(), luigi_summary=False)
     try:
-        return args.func(args)
-    except ConfigError as exc:
-        print(f"grove: config error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ArtifactError as exc:
-        print(f"grove: artifact error: {exc}", file=sys.stderr)
-        return EXIT_ARTIFACT
-    except GroveError as exc:
-        print(f"grove: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        try:
+            code = args.func(args)
+            sys.stdout.flush()
+            return code
+        except ConfigError as exc:
+            print(f"grove: config error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except ArtifactError as exc:
+            print(f"grove: artifact error: {exc}", file=sys.stderr)
+            return EXIT_ARTIFACT
+        except SchedulerUnreachable as exc:
+            print(f"grove: {exc}", file=sys.stderr)
+            return EXIT_SCHEDULING
+        except GroveError as exc:
+            print(f"grove: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        except OSError as exc:
+            if isinstance(exc, BrokenPipeError):
+                raise
+            if args.verbose:
+                import traceback
+
+                traceback.print_exc()
+            print(f"grove: {_os_error_message(exc)}", file=sys.stderr)
+            return EXIT_FAILED
+    except BrokenPipeError:
+        # `grove show ... | head`: the reader left. Point stdout at /dev/null so the interpreter's
+        # final flush does not raise again, and end quietly.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -120,3 +120,9 @@ def _local_runs_end_on_failure():
     config = luigi.configuration.get_config()
     config.set("worker", "keep_alive", "false")
     yield
+
+
+@pytest.fixture(autouse=True)
+def _scratch_in_tmp(tmp_path_factory, monkeypatch):
+    """grove's per-machine scratch directory (full logs, verified-stamps) stays out of the user's home."""
+    monkeypatch.setenv("GROVE_SCRATCH", str(tmp_path_factory.mktemp("scratch")))

@@ -42,7 +42,8 @@ def test_publish_writes_manifest_and_latest(tmp_path):
     assert ref.exists()
     on_disk = json.loads((ref.path / "manifest.json").read_text())
     assert on_disk == manifest
-    assert manifest["files"]["a.bin"] == {"bytes": 5, "sha256": artifacts.file_digest(ref.path / "a.bin")}
+    assert manifest["files"]["a.bin"] == {"bytes": 5, "sha256": artifacts.file_digest(ref.path / "a.bin"),
+                                          "measured": False}
     assert manifest["files"]["sub/b.bin"]["bytes"] == 10
     assert manifest["parents"] == {"fetch": parent.key}
     assert manifest["params"] == {"p": 1} and manifest["rows"] == {"things": 2}
@@ -102,3 +103,21 @@ def test_reader_rejects_incomplete_and_damaged(tmp_path):
     (ref.path / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match="no manifest.json"):
         artifacts.read_manifest(ref.path)
+
+
+def test_measured_files_are_marked_and_must_exist(tmp_path):
+    ref = artifacts.make_ref(tmp_path, "ds", "evaluate", 1, {}, {})
+
+    def write(out):
+        (out / "results.json").write_text("{}")
+        (out / "timings.json").write_text("{}")
+        return {"measured": ["timings.json"]}
+
+    manifest = artifacts.publish(ref, write, {}, {})
+    assert {rel: info["measured"] for rel, info in manifest["files"].items()} == {"results.json": False,
+                                                                                  "timings.json": True}
+    assert "measured" not in manifest  # only per file
+    other = artifacts.make_ref(tmp_path, "ds", "evaluate", 1, {"x": 1}, {})
+    with pytest.raises(ArtifactError, match="marked nope.json as measured but did not write"):
+        artifacts.publish(other, lambda out: {"measured": ["nope.json"]}, {"x": 1}, {})
+    assert not other.exists()
