@@ -17,7 +17,9 @@ those of ``pipeline.exact``: euclidean ``||q-x||``, manhattan ``sum|q-x|``, angu
     forest.save(directory); forest = Forest.load(directory)   # memory-mapped
 
 On disk an index is a directory of flat ``.npy`` arrays and ``header.json``; see ``Forest.save``.
-The kernels are in ``pipeline/_forest_kernels.py``.
+The kernels are in ``pipeline/_forest_kernels.py``. Everything stored, and everything that decides
+a split or an answer, is computed there in a fixed order (no BLAS, no ``fastmath``): the same
+vectors, parameters and seed give the same bytes on any CPU, BLAS and thread count.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import Callable
 
 import numba
 import numpy as np
@@ -47,6 +50,8 @@ FORMAT_VERSION = 2
 # column, and it is read with an empty basis and no item codes.
 READ_VERSIONS = (1, 2)
 HEADER_FILE = "header.json"
+# Distinguishes the split basis's random stream from the trees' (both derive from ``seed``).
+_BASIS_STREAM = 0xB5
 # (name, dtype) of every array file, in the order the kernels take them.
 _ARRAYS = (
     ("vectors", "<f4"),
@@ -87,19 +92,35 @@ def default_split_dim(dv: int) -> int:
     return 32 if dv <= 128 else 64
 
 
+def resolved_build_params(dim: int, metric: str, leaf_size: int | None = None,
+                          split_dim: int | None = None) -> dict[str, int]:
+    """The leaf size and split dimension ``Forest.build`` uses for vectors of width ``dim``:
+    ``{"leaf_size": int, "split_dim": int}``, defaults filled in; split_dim is the number of
+    columns of the split space, 0 when the planes use every column. Artifact digests hash these
+    (``pipeline.stages.stage_params``), so a default written out and left implicit name one index.
+    """
+    dv = dim + 1 if metric == "dot" else dim
+    leaf = default_leaf_size(dim) if leaf_size is None else int(leaf_size)
+    split = default_split_dim(dv) if split_dim is None else int(split_dim)
+    return {"leaf_size": leaf, "split_dim": 0 if split >= dv else split}
+
+
 def _split_basis(data: np.ndarray, split_dim: int, seed: int) -> np.ndarray | None:
     """(P, dv) float32 orthonormal rows: the top principal directions (about the origin) of a
-    sample of the rows; None when the planes use every column (split_dim >= dv)."""
+    seeded sample of at most ``_k.BASIS_SAMPLE_ROWS`` rows of data (n, dv) float32; None when the
+    planes use every column (split_dim >= dv).
+
+    Every step is a fixed-order kernel (no BLAS, no LAPACK): the float64 second-moment matrix of
+    the sample, then its leading eigenvectors by Jacobi (narrow) or orthogonal iteration with
+    Rayleigh-Ritz (wide), so the basis is the same bits on every machine and thread count.
+    """
     n, dv = data.shape
     if split_dim >= dv:
         return None
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(n, size=min(n, 16384), replace=False))
-    sample = data[rows].astype(np.float64)
-    _, vecs = np.linalg.eigh(sample.T @ sample)
-    basis = vecs[:, ::-1][:, :split_dim].T
-    flip = np.sign(basis[np.arange(split_dim), np.argmax(np.abs(basis), axis=1)])
-    return np.ascontiguousarray(basis * flip[:, None], dtype=np.float32)
+    sample_seed, start_seed = np.random.SeedSequence([int(seed), _BASIS_STREAM]).generate_state(2, np.uint64)
+    rows = _k.sample_rows(n, _k.BASIS_SAMPLE_ROWS, sample_seed)
+    directions = _k.top_directions(_k.second_moments(data, rows), int(split_dim), start_seed)
+    return np.ascontiguousarray(directions, dtype=np.float32)
 
 
 def _no_split(dv: int) -> dict:
@@ -120,14 +141,66 @@ def _thread_count(n_threads: int, what: str) -> int:
 
 
 
-def _prepare_vectors(x: np.ndarray, metric: str) -> np.ndarray:
+def _by_row_blocks(kernel: Callable[[int, int], None], n: int, threads: int) -> None:
+    """kernel(start, stop) over row blocks that tile range(n), on ``threads`` threads (the kernels
+    release the GIL and compute each row the same way whichever block it is in)."""
+    if threads == 1 or n < 4096:
+        kernel(0, n)
+        return
+    bounds = np.linspace(0, n, 4 * threads + 1).astype(np.int64)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for future in [pool.submit(kernel, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]:
+            future.result()
+
+
+def _project(data: np.ndarray, basis: np.ndarray, threads: int) -> np.ndarray:
+    """The rows of data (n, dv) float32 in the split basis (P, dv) float32: (n, P) float32,
+    C-contiguous (fixed order; see ``_k.project_rows``)."""
+    n, dv = data.shape
+    p = basis.shape[0]
+    pp = -(-p // _k.LANES32) * _k.LANES32
+    bt = np.zeros((dv, pp), np.float32)
+    bt[:, :p] = basis.T
+    out = np.empty((n, pp), np.float32)
+    _by_row_blocks(lambda a, b: _k.project_rows(data, bt, out, a, b), n, threads)
+    return out if pp == p else np.ascontiguousarray(out[:, :p])
+
+
+def _build_trees(one: Callable[[int], tuple], n_trees: int, threads: int,
+                 progress: Callable[[int, int], None] | None) -> list:
+    """[one(0), ..., one(n_trees - 1)], on ``threads`` threads; ``progress(done, n_trees)`` is
+    called from this thread as each tree finishes."""
+    if threads == 1:
+        trees = []
+        for t in range(n_trees):
+            trees.append(one(t))
+            if progress is not None:
+                progress(t + 1, n_trees)
+        return trees
+    trees = [None] * n_trees
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        futures = {pool.submit(one, t): t for t in range(n_trees)}
+        try:
+            for done, future in enumerate(as_completed(futures), 1):
+                trees[futures[future]] = future.result()
+                if progress is not None:
+                    progress(done, n_trees)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return trees
+
+
+def _prepare_vectors(x: np.ndarray, metric: str, threads: int = 1) -> np.ndarray:
     """The rows as the kernels read them (see _forest_kernels), made from x (n, d) float32,
-    C-contiguous, which may be modified: (n, dv) float32, C-contiguous."""
+    C-contiguous, which may be modified: (n, dv) float32, C-contiguous. Norms are fixed-order
+    kernel sums (numpy's einsum picks its SIMD loop by CPU)."""
     if metric == "angular":
-        norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
-        return np.divide(x, norms, out=x, where=norms > 0)
+        _by_row_blocks(lambda a, b: _k.normalize_rows(x, a, b), x.shape[0], threads)
+        return x
     if metric == "dot":
-        sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+        sq = _k.squared_norms64(x)
         extra = np.sqrt(np.maximum(sq.max() - sq, 0.0)).astype(np.float32)
         return np.ascontiguousarray(np.concatenate([x, extra[:, None]], axis=1))
     return x
@@ -188,6 +261,7 @@ class Forest:
         seed: int = 0,
         n_threads: int = 1,
         split_dim: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> "Forest":
         """Build a forest over ``vectors`` (n, dim), any real dtype (used as float32).
 
@@ -202,6 +276,11 @@ class Forest:
         value >= the vector width keeps every column). Each item then also carries one byte per
         split dimension, from which a query bounds its distance from below and skips the rows that
         cannot enter the top k (exact: the answers are those of ranking every candidate).
+
+        Every stored array is computed in a fixed order (no BLAS, no fastmath; see
+        ``_forest_kernels``), so it is byte-identical for any ``n_threads``, BLAS and CPU.
+        ``progress(trees_built, n_trees)``, when given, is called from the calling thread as trees
+        finish.
         """
         if metric not in METRICS:
             raise ConfigError(f"unknown metric {metric!r}: expected one of {', '.join(METRICS)}")
@@ -233,26 +312,21 @@ class Forest:
                 f"Forest.build: {len(bad)} vector rows contain NaN or infinity (or overflow float32; first: row "
                 f"{bad[0]}); clean or drop those rows first"
             )
-        data = _prepare_vectors(x32, metric)
+        data = _prepare_vectors(x32, metric, threads)
         n = data.shape[0]
         code = _k.METRIC_CODES[metric]
         tree_seeds = np.random.SeedSequence(int(seed)).generate_state(int(n_trees), dtype=np.uint64)
         t0 = time.perf_counter()
-        if split_dim is None:
-            split_dim = default_split_dim(data.shape[1])
-        basis = _split_basis(data, int(split_dim), int(seed))
-        split_data = data if basis is None else np.ascontiguousarray(data @ basis.T, dtype=np.float32)
+        split_dim = resolved_build_params(x.shape[1], metric, leaf_size, split_dim)["split_dim"]
+        basis = _split_basis(data, split_dim, int(seed)) if split_dim else None
+        split_data = data if basis is None else _project(data, basis, threads)
         codes, code_scale, code_min = _k.byte_codes(split_data)
 
         def one(t):
             return _k.build_tree(split_data, codes, code_scale, code_min, code, int(leaf_size), tree_seeds[t],
                                  _k.TWO_MEANS_ITERATIONS)
 
-        if threads == 1:
-            trees = [one(t) for t in range(n_trees)]
-        else:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                trees = list(pool.map(one, range(n_trees)))
+        trees = _build_trees(one, int(n_trees), threads, progress)
         arrays = cls._assemble(data, trees, n)
         if basis is None:
             arrays.update(_no_split(data.shape[1]))
