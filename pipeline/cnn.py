@@ -1,9 +1,10 @@
 """Training a CNN with a bottleneck layer, and using that layer as an embedding.
 
-- ``train``: supervised softmax training, seeded, with torchvision augmentation for images; a
-  checkpoint each epoch (weights, optimizer, epoch, RNG states; read back with
-  ``torch.load(weights_only=True)``) and resumption from the newest one after an interruption, which
-  gives the same final weights as an uninterrupted run.
+- ``train``: supervised softmax training, seeded, on a fixed torch thread count with deterministic
+  algorithms (the same arguments give the same weights bit for bit, see ``deterministic_torch``),
+  with torchvision augmentation for images; a checkpoint each epoch (weights, optimizer, epoch, RNG
+  states; read back with ``torch.load(weights_only=True)``) and resumption from the newest one after
+  an interruption, which gives the same final weights as an uninterrupted run.
 - ``save_model`` / ``load_model``: ``model.safetensors`` plus ``model.json`` (the architecture as a
   ``ModelSpec``, the weights' sha256, the caller's metadata): rebuilt with no pickle.
 - ``embed``: the bottleneck activations, L2-normalised for the angular metric.
@@ -15,17 +16,19 @@ trained on that backbone's cached features (``extract_backbone_features``), not 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import pickle
+import random
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -39,16 +42,19 @@ from .cnn_models import (
     ModelSpec,
     ProgressFn,
     build_model,
+    deterministic_torch,
     extract_backbone_features,
     images_to_tensor,
     make_spec,
     resize_center_crop,
-    set_threads,
 )
 from .artifacts import write_json_atomic
 from .download import file_digest
 from .errors import ArtifactError, ConfigError, FormatError
 from .exact import exact_neighbors, normalize_rows
+from . import learned
+from .learned import EMBED_BATCH_SIZE, FEATURE_BATCH_SIZE, resolve_augment
+from .progress import Rate, format_duration, scaled, with_rate
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +66,9 @@ __all__ = [
 CHECKPOINT_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
 MODEL_JSON = "model.json"
-AUGMENTS = ("auto", "photos", "digits", "none")
-_RECALIBRATION_LIMIT = 16384  # examples; enough for stable statistics, a fraction of an epoch
 _CHECKPOINT_RE = re.compile(r"^epoch-(\d{4,})\.pt$")
+# Training reports at least this often (besides ten times an epoch): an epoch of a large model can take minutes.
+_PROGRESS_SECONDS = 2.0
 
 
 @dataclass
@@ -112,8 +118,8 @@ def _model_inputs(
         inputs = np.asarray(inputs)
         if inputs.dtype == np.uint8 and inputs.ndim == 4:
             inputs = extract_backbone_features(
-                # At most 32 images a batch: the backbone's activations are large.
-                inputs, min(batch_size, 32), progress, backbone=spec.name, image_size=spec.input_size,
+                # At most FEATURE_BATCH_SIZE images a batch: the backbone's activations are large.
+                inputs, min(batch_size, FEATURE_BATCH_SIZE), progress, backbone=spec.name, image_size=spec.input_size,
                 weights_path=weights_path, threads=torch.get_num_threads(),
             )
         return _check_features(inputs, spec)
@@ -127,12 +133,9 @@ def _train_transform(spec: ModelSpec, augment: str) -> tuple[str, Any]:
     """The resolved augmentation mode and its per-image transform (uint8 (c, h, w) -> uint8 (c, h', w'))."""
     from torchvision.transforms import v2
 
-    if augment not in AUGMENTS:
-        raise ConfigError(f"augment must be one of {', '.join(AUGMENTS)}; got {augment!r}")
-    if spec.frozen_backbone or augment == "none":
+    augment = resolve_augment(augment, spec.name, spec.in_channels)
+    if augment == "none":
         return "none", None
-    if augment == "auto":
-        augment = "digits" if spec.in_channels == 1 else "photos"
     if augment == "digits":
         # Small shifts, turns and scalings of the resized image; never flips (a mirrored 2 is not a 2).
         return augment, v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
@@ -140,6 +143,30 @@ def _train_transform(spec: ModelSpec, augment: str) -> tuple[str, Any]:
         v2.RandomResizedCrop(spec.input_size, scale=(0.35, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
     ])
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """torch's, numpy's and Python's global RNGs seeded from ``seed`` inside the block (augmentation
+    draws from torch's); the caller's RNG states are restored afterwards."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """A DataLoader worker's numpy and Python RNGs, seeded from the torch seed the loader's seeded
+    generator gave that worker (training uses no workers today; this keeps it so if it ever does)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 class _Examples(torch.utils.data.Dataset):
@@ -206,7 +233,7 @@ def train(
     progress: ProgressFn | None = None,
     bottleneck: int = 128,
     input_size: int | None = None,
-    width: int = 32,
+    width: int = learned.SMALL_WIDTH,
     dropout: float = 0.2,
     weight_decay: float = 1e-4,
     augment: str = "auto",
@@ -225,107 +252,128 @@ def train(
     newest one found there; the result equals an uninterrupted run. A checkpoint from different data
     or hyperparameters raises ``ArtifactError``. ``progress(fraction, message)`` is called during each
     epoch and after it (once the checkpoint is safe).
-    """
-    set_threads(threads)
-    if epochs < 1 or batch_size < 1 or not lr > 0 or keep_checkpoints < 1:
-        raise ConfigError(
-            f"epochs, batch_size, keep_checkpoints must be >= 1 and lr > 0; got epochs={epochs}, "
-            f"batch_size={batch_size}, keep_checkpoints={keep_checkpoints}, lr={lr}"
-        )
-    if model_name in BACKBONES:
-        spec = make_spec(model_name, n_classes, bottleneck=bottleneck, input_size=input_size, width=width, dropout=dropout)
-        x = _check_features(inputs, spec)
-    elif model_name == SMALL:
-        x = images_to_tensor(inputs)
-        side = input_size or x.shape[-1]
-        spec = make_spec(SMALL, n_classes, bottleneck=bottleneck, in_channels=x.shape[1], input_size=side,
-                         width=width, dropout=dropout)
-    else:
-        raise ConfigError(f"unknown model {model_name!r}: expected one of {', '.join(MODEL_NAMES)}")
-    y = _check_labels(labels, x.shape[0], spec.n_classes)
-    mode, transform = _train_transform(spec, augment)
-    if not spec.frozen_backbone and mode != "photos":
-        x = resize_center_crop(x, spec.input_size)  # once, deterministically, not per epoch
-    n = x.shape[0]
-    hparams = {
-        "lr": float(lr), "batch_size": int(batch_size), "seed": int(seed), "weight_decay": float(weight_decay),
-        "augment": augment, "inputs_shape": list(np.shape(inputs)),
-        "inputs_sha256": hashlib.sha256(np.ascontiguousarray(inputs).data).hexdigest(),
-        "labels_sha256": hashlib.sha256(y.numpy().tobytes()).hexdigest(),
-    }
-    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
-    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG alone
-        torch.manual_seed(seed)
-        model = GroveNet(spec)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        generator = torch.Generator().manual_seed(seed)
-        loader = torch.utils.data.DataLoader(
-            _Examples(x, y, transform),
-            batch_size=batch_size, shuffle=True, generator=generator, num_workers=0,
-            drop_last=(n % batch_size == 1),  # BatchNorm cannot train on a batch of one
-        )
-        history: list[dict[str, float]] = []
-        start = 0
-        found = _checkpoints(ckdir) if ckdir is not None else []
-        if found:
-            epoch, path = found[-1]
-            state = _load_checkpoint(path)
-            then, now = {**state["spec"], **state["hparams"]}, {**spec.to_dict(), **hparams}
-            changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
-            if changed:
-                raise ArtifactError(
-                    f"checkpoint {path} was written for other data or parameters: "
-                    + "; ".join(f"{k} was {then.get(k)!r}, now {now.get(k)!r}" for k in changed)
-                    + f". Remove {ckdir} to start over"
-                )
-            if epoch > epochs:
-                raise ArtifactError(f"checkpoint {path} is at epoch {epoch}, beyond the {epochs} asked for")
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
-            generator.set_state(state["loader_rng"])
-            history, start = list(state["history"]), epoch
-            log.info("resuming %s training from %s (epoch %d of %d)", spec.name, path, epoch, epochs)
-        n_batches = len(loader)
-        for epoch in range(start, epochs):
-            model.train()
-            t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
-            for b, (xb, yb) in enumerate(loader):
-                optimizer.zero_grad(set_to_none=True)
-                logits = model(xb)
-                loss = F.cross_entropy(logits, yb)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.item() * len(yb)
-                correct += int((logits.argmax(1) == yb).sum())
-                seen += len(yb)
-                if progress is not None and (b + 1) % max(1, n_batches // 10) == 0 and b + 1 < n_batches:
-                    progress((epoch + (b + 1) / n_batches) / epochs,
-                             f"epoch {epoch + 1}/{epochs}: batch {b + 1}/{n_batches}, loss {loss_sum / seen:.4f}")
-            if not math.isfinite(loss_sum):
-                raise ArtifactError(f"training {spec.name} diverged in epoch {epoch + 1} (loss {loss_sum}); lower lr={lr}")
-            row = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1),
-                   "seconds": time.perf_counter() - t0}
-            history.append(row)
-            message = f"epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}, accuracy {row['accuracy']:.4f}"
-            log.info("%s %s (%.1f s)", spec.name, message, row["seconds"])
-            if ckdir is not None:
-                _save_checkpoint(ckdir, {
-                    "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "spec": spec.to_dict(), "hparams": hparams,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "loader_rng": generator.get_state(), "history": history,
-                }, keep_checkpoints)
-            if progress is not None:
-                progress((epoch + 1) / epochs, message)
-        _recalibrate_batchnorm(model, x, spec, batch_size, seed)
-    model.eval()
-    return TrainResult(model=model, spec=spec, history=history, resumed_from=start)
+    Reproducible bit for bit: torch runs on ``threads`` threads (None: the CPUs this process may use)
+    with deterministic algorithms, and model initialisation, shuffling and augmentation draw from RNGs
+    seeded with ``seed``. Torch's results depend on the thread count, so a caller that stores the
+    model passes a fixed one (the chain: ``train.threads``, part of the digest).
+    """
+    # Torch on a fixed thread count with deterministic kernels, every RNG seeded from ``seed``: the
+    # weights depend on the data and these arguments alone (see deterministic_torch).
+    with deterministic_torch(threads) as n_threads:
+        if epochs < 1 or batch_size < 1 or not lr > 0 or keep_checkpoints < 1:
+            raise ConfigError(
+                f"epochs, batch_size, keep_checkpoints must be >= 1 and lr > 0; got epochs={epochs}, "
+                f"batch_size={batch_size}, keep_checkpoints={keep_checkpoints}, lr={lr}"
+            )
+        if model_name in BACKBONES:
+            spec = make_spec(model_name, n_classes, bottleneck=bottleneck, input_size=input_size, width=width,
+                             dropout=dropout)
+            x = _check_features(inputs, spec)
+        elif model_name == SMALL:
+            x = images_to_tensor(inputs)
+            side = input_size or x.shape[-1]
+            spec = make_spec(SMALL, n_classes, bottleneck=bottleneck, in_channels=x.shape[1], input_size=side,
+                             width=width, dropout=dropout)
+        else:
+            raise ConfigError(f"unknown model {model_name!r}: expected one of {', '.join(MODEL_NAMES)}")
+        y = _check_labels(labels, x.shape[0], spec.n_classes)
+        mode, transform = _train_transform(spec, augment)
+        if not spec.frozen_backbone and mode != "photos":
+            x = resize_center_crop(x, spec.input_size)  # once, deterministically, not per epoch
+        n = x.shape[0]
+        hparams = {
+            "lr": float(lr), "batch_size": int(batch_size), "seed": int(seed), "weight_decay": float(weight_decay),
+            "augment": augment, "threads": n_threads, "inputs_shape": list(np.shape(inputs)),
+            "inputs_sha256": hashlib.sha256(np.ascontiguousarray(inputs).data).hexdigest(),
+            "labels_sha256": hashlib.sha256(y.numpy().tobytes()).hexdigest(),
+        }
+        ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
+        with _seeded(seed):  # leaves the caller's global RNGs alone
+            model = GroveNet(spec)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+            generator = torch.Generator().manual_seed(seed)
+            loader = torch.utils.data.DataLoader(
+                _Examples(x, y, transform),
+                batch_size=batch_size, shuffle=True, generator=generator, num_workers=0, worker_init_fn=_seed_worker,
+                drop_last=(n % batch_size == 1),  # BatchNorm cannot train on a batch of one
+            )
+            history: list[dict[str, float]] = []
+            start = 0
+            found = _checkpoints(ckdir) if ckdir is not None else []
+            if found:
+                epoch, path = found[-1]
+                state = _load_checkpoint(path)
+                then, now = {**state["spec"], **state["hparams"]}, {**spec.to_dict(), **hparams}
+                changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+                if changed:
+                    raise ArtifactError(
+                        f"checkpoint {path} was written for other data or parameters: "
+                        + "; ".join(f"{k} was {then.get(k)!r}, now {now.get(k)!r}" for k in changed)
+                        + f". Remove {ckdir} to start over"
+                    )
+                if epoch > epochs:
+                    raise ArtifactError(f"checkpoint {path} is at epoch {epoch}, beyond the {epochs} asked for")
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                torch.set_rng_state(state["torch_rng"])
+                generator.set_state(state["loader_rng"])
+                history, start = list(state["history"]), epoch
+                log.info("resuming %s training from %s (epoch %d of %d)", spec.name, path, epoch, epochs)
+            n_batches = len(loader)
+            per_epoch = n - (1 if n % batch_size == 1 else 0)  # examples an epoch trains on (see drop_last)
+            run_started, run_seen = time.perf_counter(), 0  # this run's rate, without the resumed epochs
+            last_report = run_started
+            for epoch in range(start, epochs):
+                model.train()
+                t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
+                for b, (xb, yb) in enumerate(loader):
+                    optimizer.zero_grad(set_to_none=True)
+                    logits = model(xb)
+                    loss = F.cross_entropy(logits, yb)
+                    loss.backward()
+                    optimizer.step()
+                    loss_sum += loss.item() * len(yb)
+                    correct += int((logits.argmax(1) == yb).sum())
+                    seen += len(yb)
+                    run_seen += len(yb)
+                    now = time.perf_counter()
+                    if progress is not None and b + 1 < n_batches and (
+                            (b + 1) % max(1, n_batches // 10) == 0 or now - last_report >= _PROGRESS_SECONDS):
+                        last_report = now
+                        rate = run_seen / max(now - run_started, 1e-9)
+                        left = (epochs - epoch - 1) * per_epoch + max(per_epoch - seen, 0)
+                        progress((epoch + (b + 1) / n_batches) / epochs,
+                                 f"epoch {epoch + 1}/{epochs}: batch {b + 1}/{n_batches}, loss {loss_sum / seen:.4f}, "
+                                 f"{rate:,.0f} samples/s, ETA {format_duration(left / rate)}")
+                if not math.isfinite(loss_sum):
+                    raise ArtifactError(f"training {spec.name} diverged in epoch {epoch + 1} (loss {loss_sum}); "
+                                        f"lower lr={lr}")
+                row = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1),
+                       "seconds": time.perf_counter() - t0}
+                history.append(row)
+                message = f"epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}, accuracy {row['accuracy']:.4f}"
+                log.info("%s %s (%.1f s)", spec.name, message, row["seconds"])
+                if epoch + 1 < epochs:
+                    rate = run_seen / max(time.perf_counter() - run_started, 1e-9)
+                    message += f", ETA {format_duration((epochs - epoch - 1) * per_epoch / rate)}"
+                if ckdir is not None:
+                    _save_checkpoint(ckdir, {
+                        "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "spec": spec.to_dict(), "hparams": hparams,
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "torch_rng": torch.get_rng_state(), "loader_rng": generator.get_state(), "history": history,
+                    }, keep_checkpoints)
+                if progress is not None:
+                    progress((epoch + 1) / epochs, message)
+            _recalibrate_batchnorm(model, x, spec, batch_size, seed)
+        model.eval()
+        return TrainResult(model=model, spec=spec, history=history, resumed_from=start)
 
 
 @torch.no_grad()
 def _recalibrate_batchnorm(
-    model: GroveNet, x: torch.Tensor, spec: ModelSpec, batch_size: int, seed: int, limit: int = _RECALIBRATION_LIMIT
+    model: GroveNet, x: torch.Tensor, spec: ModelSpec, batch_size: int, seed: int, limit: int | None = None
 ) -> None:
     """Set every BatchNorm's running mean/variance to the average over (at most ``limit``, in a
     seeded random order) unaugmented, center-cropped training inputs under the final weights.
@@ -335,6 +383,7 @@ def _recalibrate_batchnorm(
     eval-mode predictions and embeddings. The order is shuffled because a batch of one class (data
     sorted by label) would skew the batch statistics the deeper layers see. Deterministic.
     """
+    limit = learned.RECALIBRATION_LIMIT if limit is None else limit
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:limit]
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
@@ -418,18 +467,19 @@ def _run(model: GroveNet, x: torch.Tensor, batch_size: int, head: str, progress:
     model.eval()
     out = []
     n = x.shape[0]
+    rate = Rate(n, "items")
     for start in range(0, n, batch_size):
         xb = x[start : start + batch_size]
         out.append((model.embedding(xb) if head == "embedding" else model(xb)).numpy())
         if progress is not None:
-            progress(min(start + batch_size, n) / n, f"{head}: {min(start + batch_size, n)}/{n}")
+            progress(min(start + batch_size, n) / n, f"{head}: {rate.message(min(start + batch_size, n))}")
     return np.concatenate(out).astype(np.float32, copy=False)
 
 
 def embed(
     model: GroveNet,
     inputs: np.ndarray,
-    batch_size: int = 256,
+    batch_size: int = EMBED_BATCH_SIZE,
     progress: ProgressFn | None = None,
     *,
     weights_path: str | Path | None = None,
@@ -441,21 +491,31 @@ def embed(
     input size), or, for a backbone head, either its float32 (n, feature_dim) features or uint8
     (n, h, w, 3) images (the backbone then runs here; ``weights_path`` as in ``build_backbone``).
     A row whose activations are all zero stays zero.
+
+    The same inputs, ``batch_size`` and ``threads`` (torch threads, None: the CPUs this process may
+    use; see ``deterministic_torch``) give the same bytes: kernels block their work by batch and thread.
     """
-    set_threads(threads)
-    x = _model_inputs(model, inputs, batch_size, weights_path, progress)
-    return normalize_rows(_run(model, x, batch_size, "embedding", progress))
+    with deterministic_torch(threads):
+        if progress is not None and model.spec.frozen_backbone and np.ndim(inputs) == 4:
+            # The backbone's pass over the images is most of the work; the head's is quick.
+            n = np.shape(inputs)[0]
+            x = _model_inputs(model, inputs, batch_size, weights_path,
+                              with_rate(scaled(progress, 0.0, 0.9), n, "images"))
+            return normalize_rows(_run(model, x, batch_size, "embedding", scaled(progress, 0.9, 1.0)))
+        x = _model_inputs(model, inputs, batch_size, weights_path, progress)
+        return normalize_rows(_run(model, x, batch_size, "embedding", progress))
 
 
 def evaluate_classifier(
-    model: GroveNet, inputs: np.ndarray, labels: np.ndarray, batch_size: int = 256, *, threads: int | None = None
+    model: GroveNet, inputs: np.ndarray, labels: np.ndarray, batch_size: int = EMBED_BATCH_SIZE, *,
+    threads: int | None = None
 ) -> float:
     """Top-1 accuracy in [0, 1] of the softmax classifier on ``inputs`` (as for ``embed``) with int
-    ``labels`` (n,)."""
-    set_threads(threads)
-    x = _model_inputs(model, inputs, batch_size, None, None)
-    y = _check_labels(labels, x.shape[0], model.spec.n_classes).numpy()
-    logits = _run(model, x, batch_size, "classify", None)
+    ``labels`` (n,), on ``threads`` torch threads."""
+    with deterministic_torch(threads):
+        x = _model_inputs(model, inputs, batch_size, None, None)
+        y = _check_labels(labels, x.shape[0], model.spec.n_classes).numpy()
+        logits = _run(model, x, batch_size, "classify", None)
     return float((logits.argmax(1) == y).mean())
 
 

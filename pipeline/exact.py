@@ -12,7 +12,9 @@ Ties are broken by the smaller item id, so the answer is fully determined by the
 
 Memory stays bounded: queries are processed ``query_block`` at a time against ``base_block`` rows of
 the base at a time, keeping a running shortlist per query. The shortlist is chosen with float32
-matrix products and then re-ranked in float64, so rounding cannot reorder the final answer.
+matrix products (BLAS: fast, and only a choice of candidates) and then re-ranked in float64 by a
+compiled kernel that sums in a fixed order, so the stored distances and their order are the same
+bytes on any CPU, thread count and BLAS build.
 """
 
 from __future__ import annotations
@@ -40,14 +42,30 @@ def check_metric(metric: str) -> str:
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm; all-zero rows stay zero. (n, d) float32 -> (n, d) float32."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    """Rows scaled to unit L2 norm; all-zero rows stay zero. (n, d) float32 -> (n, d) float32.
+    The same bytes on every machine (a fixed-order float64 sum; see ``_exact_kernels``)."""
+    from . import _exact_kernels
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    _exact_kernels.normalize_rows(x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x,
+                                  out.reshape(-1, x.shape[-1]) if x.ndim != 2 else out)
+    return out
+
+
+def rerank(query: np.ndarray, base: np.ndarray, cand: np.ndarray, metric: str) -> np.ndarray:
+    """float64 (m,) distances from ``query`` (d,) to ``base[cand]``, summed in a fixed order.
+    For angular, both must already be normalised (see ``normalize_rows``)."""
+    from . import _exact_kernels
+
+    return _exact_kernels.distances_to(np.ascontiguousarray(query, dtype=np.float32), base,
+                                       np.ascontiguousarray(cand, dtype=np.int64),
+                                       _exact_kernels.METRIC_CODES[metric])
 
 
 def pairwise_distances(queries: np.ndarray, base: np.ndarray, metric: str) -> np.ndarray:
-    """Distances between every query and every base row, float64 (nq, nb).
+    """Distances between every query and every base row, float64 (nq, nb), through BLAS: for speed
+    only, never for a stored result (``rerank`` is the reproducible form).
 
     For angular, both inputs must already be normalised (see ``normalize_rows``).
     """
@@ -129,7 +147,7 @@ def exact_neighbors(
             best_scores = np.take_along_axis(cand_scores, keep, 1)
         for row in range(q.shape[0]):
             cand = best_ids[row]
-            d = pairwise_distances(q[row : row + 1], base[cand], metric)[0]
+            d = rerank(q[row], base, cand, metric)
             order = np.lexsort((cand, d))[:k]
             ids_out[q0 + row] = cand[order]
             dists_out[q0 + row] = d[order]

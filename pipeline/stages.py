@@ -6,10 +6,21 @@ fills a temporary directory from its parents' directories. The tasks only wire t
 ``pipeline.artifacts.publish``.
 
 ``report(fraction, message)`` is the progress callback every long stage calls.
+
+Digests hash resolved parameters: every default is filled in as the stage will apply it (a code
+default too, such as a batch size that changes float results), so equal content has one digest and a
+changed default gives a new one. Where resolving needs the parent's output (the image size behind
+``train.input_size = 0``, the test rows behind a column split's ``n_queries = 0``, the query count
+behind ``evaluate.n_queries = 0``, the vectors' dim behind the forest's leaf size), the task reads it
+from the published parent (its manifest, or a table's schema or split column) and passes it to
+``stage_params``; while the parent is not built, the value stays as written. That provisional
+digest never names a published version: the stage is not complete then anyway (its parent is
+missing), and it runs, under the resolved digest, only once the parent exists.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -20,11 +31,13 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import download, snapshot
 from .errors import ChecksumError, ConfigError
-from .evaluate import directory_bytes, exact_baseline, sweep_forest
+from .evaluate import (RESULT_KEYS, RESULTS_JSON, ROW_ID, TIMINGS_JSON, directory_bytes, exact_baseline,  # noqa: F401
+                       read_results, sweep_forest)
 from .decode import DECODERS
 from .exact import exact_neighbors, normalize_rows
 from .artifacts import read_manifest
@@ -34,8 +47,8 @@ log = logging.getLogger(__name__)
 
 Report = Callable[[float, str], None]
 
-FORMATS = {"fetch": 1, "decode": 1, "features": 1, "train": 1, "embed": 1, "split": 1, "exact": 1, "forest": 2,
-           "evaluate": 1}
+FORMATS = {"fetch": 1, "decode": 1, "features": 2, "train": 2, "embed": 2, "split": 2, "exact": 2, "forest": 3,
+           "evaluate": 2}
 
 
 def _quiet(fraction: float, message: str) -> None:
@@ -60,15 +73,60 @@ def stage_params(cfg: dict, stage: str, **extra: Any) -> dict:
     if stage == "decode":
         return {"kind": cfg["dataset"]["kind"], **cfg["decode"]}
     if stage == "features":
-        t = cfg["train"]
-        return {"backbone": t["backbone"], "input_size": t["input_size"], "weights_path": t["weights_path"]}
+        from .learned import features_params
+
+        return features_params(cfg)
     if stage == "train":
-        return dict(cfg["train"])
+        # extra: image_shape, the decode stage's (h, w[, c]) (None while it is not built)
+        from .learned import train_params
+
+        return train_params(cfg, extra.get("image_shape"))
+    if stage == "embed":
+        if cfg["embed"]["model"] == "cnn":
+            from .learned import embed_params
+
+            return embed_params(cfg)  # embed.scale plays no part in a CNN embedding
+        return dict(cfg["embed"])
+    if stage == "split":
+        # extra: test_rows, how many rows the embedded vectors mark "test" (None while they are not
+        # built). A column split's n_queries resolves to the queries it keeps: 0 (every test row) and
+        # any number >= the test rows all mean every test row, and then the seed plays no part.
+        s = dict(cfg["split"])
+        test_rows = extra.get("test_rows")
+        if s["method"] == "column" and test_rows is not None:
+            s["n_queries"] = min(s["n_queries"] or test_rows, test_rows)
+            if s["n_queries"] == test_rows:
+                s["seed"] = None
+        return s
+    if stage == "evaluate":
+        # extra: n_queries_available, the split's query count (None while it is not built): n_queries
+        # = 0 (time every query) and anything above the count resolve to the count. The code defaults
+        # that decide stored results (recall's tolerance, passes per QPS, exact search's timed
+        # queries) are part of the digest too.
+        from .evaluate import EXACT_TIMED_MAX, RECALL_EPSILON, REPEATS
+
+        ev = dict(cfg["evaluate"])
+        available = extra.get("n_queries_available")
+        if available is not None:
+            ev["n_queries"] = min(ev["n_queries"] or available, available)
+        n_timed_exact = None if available is None else min(ev["n_queries"], EXACT_TIMED_MAX)
+        return {**ev, "recall_epsilon": RECALL_EPSILON, "repeats": REPEATS, "n_timed_exact": n_timed_exact}
     if stage == "exact":
         return {**cfg["exact"], "metric": cfg["embed"]["metric"]}
     if stage == "forest":
-        return {"leaf_size": cfg["forest"]["leaf_size"], "seed": cfg["forest"]["seed"],
-                "metric": cfg["embed"]["metric"], **extra}
+        # extra: n_trees, and dim (the vectors' width, None while they are not built yet). With
+        # the dim known, the leaf size and split dimension are resolved as Forest.build resolves
+        # them, so `leaf_size = 0` and the default written out give one digest, and a changed
+        # code default gives a new one. Without it the digest is provisional: it never names a
+        # published index (one is only built, under the resolved digest, once its vectors exist).
+        from .forest import resolved_build_params  # numba: imported only where needed
+
+        f, metric = cfg["forest"], cfg["embed"]["metric"]
+        params = {"leaf_size": f["leaf_size"], "seed": f["seed"], "metric": metric, **extra}
+        dim = params.pop("dim", None)
+        if dim is not None:
+            params.update(resolved_build_params(int(dim), metric, f["leaf_size"] or None))
+        return params
     return dict(cfg[stage], **extra)
 
 
@@ -127,6 +185,8 @@ def write_embed(cfg: dict, decoded: Path, out: Path, report: Report = _quiet, tr
                 features: Path | None = None, threads: int = 1) -> dict:
     """Turn items into float32 vectors (``vectors.arrow``) with metric and model in the metadata:
     scaled pixels, unit-length word vectors, or a trained CNN's bottleneck (``trained``)."""
+    from .progress import Rate, scaled
+
     emb = cfg["embed"]
     items = read_vectors(decoded / "items.arrow")
     meta = {k: v for k, v in items.meta.items() if k != "dim"}
@@ -134,19 +194,23 @@ def write_embed(cfg: dict, decoded: Path, out: Path, report: Report = _quiet, tr
     if emb["model"] == "cnn":
         from .learned import embed_with_model
 
-        vectors = embed_with_model(cfg, items, trained / "model", features, threads, report)
+        vectors = embed_with_model(cfg, items, trained / "model", features, threads, scaled(report, 0.0, 0.95))
         meta["backbone"] = cfg["train"]["backbone"]
         meta["item_shape"] = meta.pop("image_shape", None)  # the rows are no longer images
     else:
         vectors = np.empty(items.vectors.shape, dtype=np.float32)
         step = 8192
+        rate = Rate(len(items), "items")
         for start in range(0, len(items), step):
             block = items.vectors[start : start + step]
             if emb["model"] == "normalized":
                 block = normalize_rows(block)
             np.multiply(block, np.float32(emb["scale"]), out=vectors[start : start + step])
-            report(min(1.0, (start + step) / len(items)), f"embedded {min(start + step, len(items))} items")
+            done = min(start + step, len(items))
+            report(0.9 * done / len(items), f"embedded {rate.message(done)}")
+    report(0.95, f"writing {len(items):,} vectors")
     n = write_vectors(out / "vectors.arrow", vectors, items.keys, items.labels, list(items.splits), meta=meta)
+    report(1.0, f"embedded {n:,} items as {emb['model']} vectors of dimension {vectors.shape[1]}")
     return {"rows": {"vectors": n}, "dim": int(vectors.shape[1])}
 
 
@@ -176,6 +240,25 @@ def split_rows(splits: np.ndarray, method: str, n_queries: int, seed: int) -> tu
     return base.astype(np.int64), queries.astype(np.int64)
 
 
+@functools.lru_cache(maxsize=64)
+def _test_rows_of(path: str, size: int, mtime_ns: int) -> int:
+    column = pa.ipc.open_file(pa.memory_map(path, "r")).read_all().column("split")
+    return int(pc.sum(pc.equal(column, "test")).as_py() or 0)
+
+
+def count_test_rows(embedded: Path) -> int | None:
+    """How many rows of the embed stage at ``embedded`` are marked ``test`` (its ``vectors.arrow``,
+    memory-mapped: only the split column is read): a column split's queries, for its digest. None if
+    the file cannot be read (damaged: the split's run reports it when it verifies its parent)."""
+    path = Path(embedded) / "vectors.arrow"
+    try:
+        st = path.stat()
+        return _test_rows_of(str(path), st.st_size, st.st_mtime_ns)
+    except (OSError, pa.ArrowException, KeyError) as exc:
+        log.warning("cannot count the test rows of %s (%s); the split's digest stays provisional", path, exc)
+        return None
+
+
 def write_split(cfg: dict, embedded: Path, out: Path, report: Report = _quiet) -> dict:
     table = read_vectors(embedded / "vectors.arrow")
     s = cfg["split"]
@@ -193,14 +276,19 @@ def write_split(cfg: dict, embedded: Path, out: Path, report: Report = _quiet) -
 
 def write_exact(cfg: dict, split: Path, out: Path, report: Report = _quiet) -> dict:
     """Ground truth: ``neighbors.npy`` int64 (nq, k) and ``distances.npy`` float32 (nq, k)."""
+    from .progress import Rate, format_duration
+
     base = read_vectors(split / "base.arrow").vectors
     queries = read_vectors(split / "queries.arrow").vectors
     k = cfg["exact"]["k"]
     started = time.perf_counter()
+    rate = Rate(len(queries), "queries")
+    report(0.0, f"exact search: {len(queries):,} queries against {len(base):,} vectors, k={k}")
     ids, dists = exact_neighbors(base, queries, k, cfg["embed"]["metric"],
-                                 progress=lambda d, t: report(d / t, f"exact search {d}/{t} queries"))
+                                 progress=lambda d, t: report(0.99 * d / t, f"exact search {rate.message(d)}"))
     np.save(out / "neighbors.npy", ids)
     np.save(out / "distances.npy", dists)
+    report(1.0, f"exact search: {len(queries):,} queries in {format_duration(time.perf_counter() - started)}")
     return {"rows": {"queries": int(ids.shape[0]), "k": int(ids.shape[1])},
             "metrics": {"search_seconds": round(time.perf_counter() - started, 3)}}
 
@@ -210,15 +298,18 @@ def write_exact(cfg: dict, split: Path, out: Path, report: Report = _quiet) -> d
 
 def write_forest(cfg: dict, split: Path, out: Path, n_trees: int, n_threads: int = 1,
                  report: Report = _quiet) -> dict:
-    """Build the index over the base (``index/``) and map its item ids to keys (``items.arrow``)."""
+    """Build the index over the base (``index/``) and map its item ids to keys (``items.arrow``).
+
+    The build uses the resolved parameters of ``stage_params`` (the ones the digest hashes)."""
     from .forest import Forest  # numba compiles on first use; import only where it is needed
 
     base = read_vectors(split / "base.arrow")
-    f = cfg["forest"]
+    params = stage_params(cfg, "forest", n_trees=n_trees, dim=base.dim)
     report(0.0, f"building {n_trees} trees over {len(base)} vectors")
     started = time.perf_counter()
-    forest = Forest.build(base.vectors, metric=cfg["embed"]["metric"], n_trees=n_trees,
-                          leaf_size=f["leaf_size"] or None, seed=f["seed"], n_threads=n_threads)
+    forest = Forest.build(base.vectors, metric=params["metric"], n_trees=n_trees, leaf_size=params["leaf_size"],
+                          seed=params["seed"], n_threads=n_threads, split_dim=params["split_dim"] or None,
+                          progress=lambda done, total: report(done / total, f"built {done}/{total} trees"))
     build_seconds = time.perf_counter() - started
     forest.save(out / "index")
     table = pa.table({"id": pa.array(np.arange(len(base), dtype=np.int64)),
@@ -261,9 +352,14 @@ def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests:
     """Recall@k and QPS over the search_k sweep for every forest, plus exact search as a point,
     and the embedding's own quality where the dataset has a measure of it.
 
-    Writes ``results.parquet`` and ``results.json`` (the same rows, plus the settings and quality).
+    Writes ``results.parquet`` and ``results.json`` (the same rows, plus the settings and quality), both
+    strict: a figure that was not measured (exact search's batch QPS) is null, never NaN. Each QPS is the
+    median of ``evaluate.REPEATS`` warmed-up passes over the n_timed queries, with its min and max.
+    ``evaluate.n_queries`` = 0 times every query. Progress runs to 0.9; the report that follows finishes it.
     """
+    from .evaluate import EXACT_TIMED_MAX, REPEATS, finite_or_none
     from .forest import Forest
+    from .progress import Rate, format_duration
 
     ev = cfg["evaluate"]
     k = ev["k"]
@@ -271,25 +367,46 @@ def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests:
     true_dists = np.load(exact / "distances.npy", mmap_mode="r")
     if true_dists.shape[1] < k:
         raise ConfigError(f"{cfg['_path']}: evaluate.k = {k} exceeds exact.k = {true_dists.shape[1]}")
+    if ev["n_queries"] < 0:
+        raise ConfigError(f"{cfg['_path']}: evaluate.n_queries = {ev['n_queries']}; use 0 (time every query) "
+                          f"or a positive number of queries")
+    n_timed = len(queries) if ev["n_queries"] == 0 else min(ev["n_queries"], len(queries))
+    n_timed_exact = min(n_timed, EXACT_TIMED_MAX)
     rows: list[dict] = []
-    total = len(forests) + 1
-    for i, (n_trees, path) in enumerate(sorted(forests.items())):
+    n_cells = len(forests) * len(ev["search_k"])
+    rate = Rate(n_cells + 1, "settings")
+    done = 0
+
+    def cell(d: int, message: str, n_trees: int) -> None:
+        report(0.9 * (done + d) / (n_cells + 1), f"n_trees={n_trees} {message}; {done + d}/{n_cells + 1} settings "
+                                                 f"done, ETA {format_duration(rate.eta(done + d))}")
+
+    for n_trees, path in sorted(forests.items()):
         forest = Forest.load(path / "index", metric=cfg["embed"]["metric"], dim=queries.shape[1])
         built = json.loads((path / "manifest.json").read_text())["metrics"]
-        for row in sweep_forest(forest, queries, true_dists, k, ev["search_k"], ev["n_queries"],
-                                progress=lambda d, t, i=i: report((i + d / t) / total, f"n_trees={n_trees}: {d}/{t}")):
+        report(0.9 * done / (n_cells + 1), f"n_trees={n_trees}: sweeping search_k {list(ev['search_k'])}, "
+                                          f"{REPEATS} x {n_timed:,} timed queries each")
+        for row in sweep_forest(forest, queries, true_dists, k, ev["search_k"], n_timed,
+                                progress=lambda d, t, m, n_trees=n_trees: cell(d, m, n_trees)):
             rows.append({**row, "build_seconds": built["build_seconds"], "index_bytes": built["index_bytes"]})
+        done += len(ev["search_k"])
     base = read_vectors(split / "base.arrow").vectors
-    rows.append({**exact_baseline(base, queries, k, cfg["embed"]["metric"], min(ev["n_queries"], 200)),
+    report(0.9 * done / (n_cells + 1), f"exact search baseline: {REPEATS} x {n_timed_exact:,} timed queries")
+    rows.append({**exact_baseline(base, queries, k, cfg["embed"]["metric"], n_timed_exact),
                  "build_seconds": 0.0, "index_bytes": int(base.nbytes)})
-    report(1.0, "evaluation done")
-    table = pa.Table.from_pylist([{"method": "exact" if r["n_trees"] == 0 else "forest", **r} for r in rows])
-    pq.write_table(table, out / "results.parquet")
+    rows = finite_or_none([{"method": "exact" if r["n_trees"] == 0 else "forest", **r} for r in rows])
+    pq.write_table(pa.Table.from_pylist(rows), out / "results.parquet")  # every column, for analysis
     quality = embedding_quality(cfg, embedded, split, exact)
-    summary = {"k": k, "n_queries": int(len(queries)), "n_timed": int(min(ev["n_queries"], len(queries))),
-               "metric": cfg["embed"]["metric"], "rows": table.to_pylist(), "quality": quality}
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("%s evaluation:\n%s", cfg["dataset"]["name"], format_results(summary["rows"], k))
+    # Reproducible (the same bytes on every machine) apart from measured (QPS, seconds): see read_results.
+    summary = finite_or_none({"k": k, "n_queries": int(len(queries)), "metric": cfg["embed"]["metric"],
+                              "rows": [{key: r[key] for key in RESULT_KEYS} for r in rows], "quality": quality})
+    timings = finite_or_none({"n_timed": int(n_timed), "n_timed_exact": int(n_timed_exact), "repeats": REPEATS,
+                              "rows": [{key: v for key, v in r.items() if key not in RESULT_KEYS or key in ROW_ID}
+                                       for r in rows]})
+    (out / RESULTS_JSON).write_text(json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    (out / TIMINGS_JSON).write_text(json.dumps(timings, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    report(0.9, f"evaluated {n_cells} settings and exact search in {format_duration(rate.elapsed())}")
+    log.info("%s evaluation:\n%s", cfg["dataset"]["name"], format_results(rows, k))
     metrics = {"best_recall": max(r["recall"] for r in rows if r["n_trees"])}
     if "label_precision_at_10" in quality:
         metrics["label_precision_at_10"] = round(quality["label_precision_at_10"], 4)
@@ -297,7 +414,9 @@ def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests:
         metrics.update(wordsim353_spearman=round(quality["wordsim353"]["spearman"], 4),
                        simlex999_spearman=round(quality["simlex999"]["spearman"], 4),
                        analogy_accuracy=round(quality["analogy"]["accuracy"], 4))
-    return {"rows": {"results": len(rows)}, "metrics": metrics}
+    return {"rows": {"results": len(rows)}, "metrics": finite_or_none(metrics),
+            "measured": [TIMINGS_JSON, "results.parquet"]}
+
 
 
 def _item_images(root: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray, list] | None:
@@ -316,20 +435,38 @@ def _item_images(root: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray, li
     return items.vectors[picks[0]], items.vectors[picks[1]], json.loads(items.meta["image_shape"])
 
 
-def write_report(root: Path, evaluate_dir: Path, manifest: dict, report: Report = _quiet) -> None:
+def write_report(root: Path, evaluate_dir: Path, manifest: dict, report: Report = _quiet) -> list[str]:
     """``report.html`` (and ``report.json``) inside an evaluation being published; ``manifest`` stands
     in for the manifest that is not written yet (dataset, stage, version, params, parents)."""
     from .report import build_evaluation_report
 
     report(0.95, "writing report.html")
     build_evaluation_report(root, evaluate_dir, manifest=manifest, images=_item_images(root, manifest))
+    report(1.0, "wrote report.html")
+    return ["report.html", "report.json"]  # measured: they show QPS and when they were made
 
 
 def format_results(rows: list[dict], k: int = 10) -> str:
-    """A plain-text table of evaluation rows for logs and the terminal."""
-    lines = [f"{'method':>7} {'n_trees':>7} {'search_k':>8} {f'recall@{k}':>9} {'QPS':>9} {'batch QPS':>9}"]
+    """A plain-text table of evaluation rows for logs and the terminal. QPS is the median of the timed
+    passes; the column after it is their spread (half the min-max range, in percent of the median);
+    a figure that was not measured shows as "-"."""
+    import math
+
+    from .evaluate import spread_percent
+
+    def num(value, width: int, spec: str) -> str:
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        return f"{format(value, spec) if ok else '-':>{width}}"
+
+    def pct(row: dict, key: str) -> str:
+        p = spread_percent(row, key)
+        return f"{'-' if p is None else f'±{p:.1f}%':>7}"
+
+    lines = [f"{'method':>7} {'n_trees':>7} {'search_k':>8} {f'recall@{k}':>9} {'QPS':>10} {'spread':>7} "
+             f"{'batch QPS':>10} {'spread':>7}"]
     for r in rows:
         method = "exact" if r["n_trees"] == 0 else "forest"
-        lines.append(f"{method:>7} {r['n_trees']:>7} {r['search_k']:>8} {r['recall']:>9.4f} {r['qps']:>9.0f} "
-                     f"{r['batch_qps']:>9.0f}")
+        lines.append(f"{method:>7} {r['n_trees']:>7} {r['search_k']:>8} {num(r['recall'], 9, '.4f')} "
+                     f"{num(r['qps'], 10, ',.0f')} {pct(r, 'qps')} {num(r.get('batch_qps'), 10, ',.0f')} "
+                     f"{pct(r, 'batch_qps')}")
     return "\n".join(lines)

@@ -6,11 +6,13 @@ import datetime as dt
 from pathlib import Path
 
 import luigi
+from luigi.task import flatten
 
 from pipeline import learned, snapshot, stages
 from pipeline.config import load_config, mutable_sources
+from pipeline.errors import ConfigError
 
-from .base import GroveTask, grove
+from .base import ArtifactTarget, GroveTask, fixed_outputs, grove
 
 
 class Snapshot(GroveTask):
@@ -96,7 +98,7 @@ class Features(GroveTask):
         return {"decode": self.clone(Decode)}
 
     def write(self, tmp: Path):
-        return learned.write_features(self.cfg, self.parent_path("decode"), tmp, grove().thread_count(), self.report)
+        return learned.write_features(self.cfg, self.parent_path("decode"), tmp, self.report)
 
 
 class Train(GroveTask):
@@ -104,6 +106,15 @@ class Train(GroveTask):
 
     stage = "train"
     resources = {"cnn_training": 1}  # luigi.cfg [resources]: one training at a time across workers
+
+    def stage_params(self):
+        return stages.stage_params(self.cfg, self.stage, image_shape=self.image_shape())
+
+    def image_shape(self) -> tuple[int, ...] | None:
+        """The decoded images' (h, w[, c]), which resolve the small CNN's defaults; None while they are
+        not decoded (the digest is then provisional, see pipeline.stages) or not needed."""
+        decode = self.clone(Decode).output().ref
+        return learned.image_shape(decode.path) if not learned.pretrained(self.cfg) and decode.exists() else None
 
     def parent_tasks(self):
         parents = {"decode": self.clone(Decode)}
@@ -114,8 +125,7 @@ class Train(GroveTask):
     def write(self, tmp: Path):
         checkpoints = grove().artifact_root() / self.dataset / ".checkpoints" / self.output().ref.version
         features = self.parent_path("features") if "features" in self.parent_refs() else None
-        return learned.write_train(self.cfg, self.parent_path("decode"), features, tmp, checkpoints,
-                                   grove().thread_count(), self.report)
+        return learned.write_train(self.cfg, self.parent_path("decode"), features, tmp, checkpoints, self.report)
 
 
 class Embed(GroveTask):
@@ -134,11 +144,21 @@ class Embed(GroveTask):
         return stages.write_embed(self.cfg, refs["decode"].path, tmp, self.report,
                                   trained=refs["train"].path if "train" in refs else None,
                                   features=refs["features"].path if "features" in refs else None,
-                                  threads=grove().thread_count())
+                                  threads=self.cfg["train"]["threads"])  # significant: torch's results depend on it
 
 
 class Split(GroveTask):
     stage = "split"
+
+    def stage_params(self):
+        return stages.stage_params(self.cfg, self.stage, test_rows=self.test_rows())
+
+    def test_rows(self) -> int | None:
+        """The embedded rows marked test (a column split's queries); None for a holdout split or while
+        they are not embedded (the digest is then provisional, see pipeline.stages)."""
+        embed = self.clone(Embed).output().ref
+        column = self.cfg["split"]["method"] == "column"
+        return stages.count_test_rows(embed.path) if column and embed.exists() else None
 
     def parent_tasks(self):
         return {"embed": self.clone(Embed)}
@@ -162,7 +182,15 @@ class Forest(GroveTask):
     n_trees = luigi.IntParameter(description="number of trees of this index")
 
     def stage_params(self):
-        return stages.stage_params(self.cfg, self.stage, n_trees=self.n_trees)
+        return stages.stage_params(self.cfg, self.stage, n_trees=self.n_trees, dim=self.vector_dim())
+
+    def vector_dim(self) -> int | None:
+        """The width of the vectors the index is built over (the embed stage's manifest records it),
+        None while they are not built: the digest is then provisional (see stages.stage_params)."""
+        from pipeline.artifacts import read_manifest
+
+        embed = self.clone(Embed).output().ref
+        return read_manifest(embed.path, verify="none").get("dim") if embed.exists() else None
 
     def parent_tasks(self):
         return {"split": self.clone(Split)}
@@ -174,6 +202,21 @@ class Forest(GroveTask):
 
 class Evaluate(GroveTask):
     stage = "evaluate"
+
+    def stage_params(self):
+        return stages.stage_params(self.cfg, self.stage, n_queries_available=self.query_count())
+
+    def query_count(self) -> int | None:
+        """The split's query count (its manifest records it); None while it is not built (the digest
+        is then provisional, see pipeline.stages)."""
+        from pipeline.artifacts import read_manifest
+        from pipeline.errors import ArtifactError
+
+        split = self.clone(Split).output().ref
+        try:
+            return read_manifest(split.path, verify="none")["rows"]["queries"] if split.exists() else None
+        except (ArtifactError, KeyError):
+            return None  # a damaged manifest: this stage's run reports it when it verifies its parents
 
     def parent_tasks(self):
         forests = {f"forest_{n}": self.clone(Forest, n_trees=n) for n in self.cfg["forest"]["n_trees"]}
@@ -188,7 +231,8 @@ class Evaluate(GroveTask):
         stub = {"dataset": self.dataset, "stage": self.stage, "version": ref.version, "params": self.stage_params(),
                 "parents": {name: parent.key for name, parent in self.parent_refs().items()},
                 "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        stages.write_report(grove().artifact_root(), tmp, stub, self.report)
+        out["measured"] = [*out.get("measured", []), *stages.write_report(grove().artifact_root(), tmp, stub,
+                                                                           self.report)]
         return out
 
 
@@ -215,3 +259,35 @@ class Chain(luigi.Task):
 
     def run(self):
         yield self.evaluate()
+
+
+def chain_graph(tasks: list[luigi.Task]) -> dict[Path, list[Path]]:
+    """Every version directory that the stages below ``tasks`` read or write, mapped to the
+    directories of its parents: the DAG ``lifecycle.repair`` works on (it holds where a directory is
+    gone, as the tasks know their parents). Below a Chain: the evaluation of the date's snapshot, else
+    of the newest one; a dataset whose mutable sources were never snapshotted has nothing built yet."""
+    with fixed_outputs():
+        return _chain_graph(tasks)
+
+
+def _chain_graph(tasks: list[luigi.Task]) -> dict[Path, list[Path]]:
+    graph: dict[Path, list[Path]] = {}
+    seen: set[str] = set()
+    stack = list(tasks)
+    while stack:
+        task = stack.pop()
+        if task.task_id in seen:
+            continue
+        seen.add(task.task_id)
+        if isinstance(task, GroveTask) and isinstance(task.output(), ArtifactTarget):
+            parents = list(task.parent_tasks().values())
+            graph[task.output().path] = [parent.output().path for parent in parents]
+            stack.extend(parents)
+            continue
+        stack.extend(flatten(task.requires()))
+        if isinstance(task, Chain):
+            try:
+                stack.append(task.evaluate() or current_evaluate(task.dataset))
+            except ConfigError:
+                pass
+    return graph

@@ -16,7 +16,7 @@ import pytest
 from luigi.execution_summary import LuigiStatusCode
 
 from conftest import REPO
-from pipeline import artifacts
+from pipeline import artifacts, stages
 from pipeline.errors import ArtifactError
 from pipeline.vectors import read_vectors
 
@@ -61,7 +61,7 @@ def test_chain_runs_then_is_a_no_op(tiny_mnist):
     assert base.keys[7] == "train/7" and queries.keys[5] == "test/5"
     assert base.meta["metric"] == "euclidean"
 
-    results = json.loads((root / "tinymnist" / "evaluate" / "latest" / "results.json").read_text())
+    results = stages.read_results(root / "tinymnist" / "evaluate" / "latest")
     forest_rows = [r for r in results["rows"] if r["n_trees"] > 0]
     assert {(r["n_trees"], r["search_k"]) for r in forest_rows} == {(n, s) for n in (2, 4) for s in (10, 50, 2000)}
     assert all(0.0 <= r["recall"] <= 1.0 and r["qps"] > 0 for r in forest_rows)
@@ -171,3 +171,32 @@ def test_sigkill_in_a_stage_then_rerun_completes(tiny_mnist, tmp_path, stage):
         leftovers = [p.name for p in (root / "tinymnist" / s).iterdir() if p.name.startswith(".tmp-")]
         assert leftovers == [], (s, leftovers)
         artifacts.read_manifest(root / "tinymnist" / s / "latest", verify="sha256")
+
+
+def test_reproducible_files_are_identical_across_runs_and_measured_ones_are_marked(tiny_mnist, tmp_path, monkeypatch):
+    """Two runs into two roots: the same versions; every file the manifest does not mark as measured
+    is byte-identical; the measured ones are exactly the timings, the full table and the report."""
+    import tasks
+
+    roots = []
+    for name in ("one", "two"):
+        root = tmp_path / name
+        monkeypatch.setenv("GROVE_ARTIFACTS", str(root))
+        luigi.task_register.Register.clear_instance_cache()
+        result = luigi.build([tasks.Chain(dataset="tinymnist")], local_scheduler=True, detailed_summary=True)
+        assert result.status == LuigiStatusCode.SUCCESS, result.summary_text
+        roots.append(root / "tinymnist")
+    for stage_dir in sorted(p for p in roots[0].iterdir() if p.is_dir() and not p.name.startswith(".")):
+        versions = sorted(p.name for p in stage_dir.glob("v*-*"))
+        assert versions == sorted(p.name for p in (roots[1] / stage_dir.name).glob("v*-*"))
+        for version in versions:
+            one = artifacts.read_manifest(stage_dir / version)
+            two = artifacts.read_manifest(roots[1] / stage_dir.name / version)
+            measured = sorted(rel for rel, info in one["files"].items() if info["measured"])
+            if stage_dir.name == "evaluate":
+                assert measured == ["report.html", "report.json", "results.parquet", "timings.json"]
+            else:
+                assert measured == []
+            for rel, info in one["files"].items():
+                if not info["measured"]:
+                    assert info["sha256"] == two["files"][rel]["sha256"], f"{stage_dir.name}/{version}/{rel}"

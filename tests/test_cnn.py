@@ -94,13 +94,20 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(digits):
     assert a.history[0]["loss"] == b.history[0]["loss"]
 
 
-def test_training_leaves_the_global_rng_alone(digits):
+def test_training_leaves_the_global_rngs_alone(digits):
+    import random
+
     (x, y), _ = digits
     torch.manual_seed(123)
-    expected = torch.rand(3)
+    np.random.seed(123)
+    random.seed(123)
+    expected = torch.rand(3), np.random.rand(3), random.random()
     torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
     cnn.train("small", x[:64], y[:64], n_classes=4, epochs=1, seed=0, **FAST)
-    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
 
 
 class Crash(Exception):

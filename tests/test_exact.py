@@ -50,3 +50,44 @@ def test_mismatched_dimensions_and_metric():
         exact_neighbors(np.zeros((3, 4), np.float32), np.zeros((1, 5), np.float32), 1)
     with pytest.raises(IndexMismatchError, match="unknown metric 'cosine'"):
         exact_neighbors(np.zeros((3, 4), np.float32), np.zeros((1, 4), np.float32), 1, "cosine")
+
+
+_REPRO_SCRIPT = """
+import hashlib, sys
+import numpy as np
+from pipeline.exact import exact_neighbors, normalize_rows
+rng = np.random.default_rng(7)
+base = rng.normal(size=(3000, 200)).astype(np.float32)
+base[:50] = base[50:100]  # duplicates: ties broken by id
+base[100:110] = 0.0       # zero rows
+queries = rng.normal(size=(64, 200)).astype(np.float32)
+digest = hashlib.sha256()
+for metric in ("euclidean", "angular", "dot", "manhattan"):
+    ids, dists = exact_neighbors(base, queries, 25, metric, query_block=16, base_block=1000)
+    digest.update(ids.tobytes()); digest.update(dists.tobytes())
+digest.update(normalize_rows(base).tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_stored_results_do_not_depend_on_blas_or_cpu(tmp_path):
+    """Ground truth is stored: the same bytes with OpenBLAS on 1 or 2 threads, another OpenBLAS
+    kernel (Prescott: its float64 products differ in the last bits from this machine's SkylakeX kernel,
+    which changed the old BLAS re-rank's distances), and numba compiling for a generic CPU."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def run(**env):
+        full = {**os.environ, "PYTHONPATH": str(REPO), **env}
+        out = subprocess.run([sys.executable, "-c", _REPRO_SCRIPT], env=full, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    first = run(OPENBLAS_NUM_THREADS="1")
+    second = run(OPENBLAS_NUM_THREADS="2", OPENBLAS_CORETYPE="Prescott", NUMBA_CPU_NAME="generic",
+                 NUMBA_CACHE_DIR=str(tmp_path / "numba-generic"))
+    assert first == second
