@@ -38,3 +38,8 @@ class IndexFormatError(FormatError):
 
 class IndexMismatchError(GroveError, ValueError):
     """An index was opened or queried with the wrong metric or dimension."""
+
+
+class StoreError(GroveError, OSError):
+    """An artifact root cannot be used: endpoint unreachable, credentials refused, bucket missing,
+    no write permission, a connection lost in the middle of a transfer."""
