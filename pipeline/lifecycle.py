@@ -1,13 +1,19 @@
 """What happens to versions after they are built: the quality gate, promotion to serving, rollback,
-dated records, garbage collection, and repair.
+dated records, garbage collection, and repair. Everything goes through the root's store
+(``pipeline.store``: a local directory or an object store); ``pipeline.layout`` names it.
 
-Repair: a chain (the DAG of version directories its tasks read and write) is checked with
+Repair: a chain (the DAG of versions its tasks read and write) is checked with
 ``artifacts.verify_once``; a damaged version and every version built from it are removed, so that
 building the chain again makes them anew (a stage whose parent is missing is not complete).
 
-``<root>/<dataset>/serving`` is a symlink to ``evaluate/<version>``: the evaluation whose forests and
-split answer queries. Promotion replaces it atomically; every promotion is appended to
-``<root>/<dataset>/serving.log`` (JSON lines) so a rollback knows what served before.
+``<dataset>/serving`` is a pointer to ``evaluate/<version>`` (a symlink on a local root, a small
+object on an object store): the evaluation whose forests and split answer queries. Promotion replaces
+it atomically and keeps a history so a rollback knows what served before: ``<dataset>/serving.log``
+(JSON lines) on a local root, one object per promotion under ``<dataset>/serving-history/`` on an
+object store (which cannot append).
+
+Versions are ``artifacts.ArtifactRef``; the functions that take one also take a local version
+directory (``<root>/<dataset>/<stage>/<version>``).
 """
 
 from __future__ import annotations
@@ -16,20 +22,26 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence, Union
 
-from . import artifacts, snapshot
+from . import artifacts, layout, snapshot
+from .artifacts import ArtifactRef, as_ref, ref_from_key, store_of
 from .errors import ArtifactError, ConfigError
-from .paths import scratch_dir
 
 log = logging.getLogger(__name__)
 
-SERVING = "serving"
-SERVING_LOG = "serving.log"
+SERVING = layout.SERVING
+SERVING_LOG = layout.SERVING_LOG
+# An upload attempt no manifest names is left alone this long (its writer may still be uploading).
+ATTEMPT_GRACE_SECONDS = 6 * 3600
+
+Root = Union[str, os.PathLike]
+Version = Union[ArtifactRef, str, os.PathLike]  # a reference, or a local version directory
 
 
 # --- quality gate --------------------------------------------------------------------------------
@@ -68,32 +80,44 @@ def check_gate(results: dict, gate: dict) -> tuple[bool, list[str]]:
 # --- serving pointer -----------------------------------------------------------------------------
 
 
-def serving_version(root: Path, dataset: str) -> str | None:
+def serving_version(root: Root, dataset: str) -> str | None:
     """The evaluate version that serves ``dataset`` (``v1-...``), or None."""
-    target = artifacts.read_pointer(Path(root) / dataset, SERVING)
-    return target.split("/", 1)[1] if target else None
+    return layout.served_version(store_of(root).get_pointer(layout.dataset_key(dataset), SERVING))
 
 
-def promote(root: Path, dataset: str, version: str, reason: str = "promote") -> None:
+def _serving_ref(root: Root, dataset: str, version: str) -> ArtifactRef:
+    return ref_from_key(root, layout.version_key(dataset, layout.SERVED_STAGE, version))
+
+
+def promote(root: Root, dataset: str, version: str, reason: str = "promote") -> None:
     """Make evaluate/``version`` the serving one (an atomic pointer swap) and log it."""
-    path = Path(root) / dataset / "evaluate" / version
-    artifacts.read_manifest(path)  # only a complete, intact evaluation can serve
-    artifacts.set_pointer(Path(root) / dataset, SERVING, f"evaluate/{version}")
-    entry = {"time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "version": version,
-             "reason": reason}
-    with open(Path(root) / dataset / SERVING_LOG, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
+    artifacts.read_manifest(_serving_ref(root, dataset, version))  # only a complete, intact evaluation can serve
+    store = store_of(root)
+    store.set_pointer(layout.dataset_key(dataset), SERVING, layout.serving_target(version))
+    now = datetime.now(timezone.utc)
+    entry = {"time_utc": now.isoformat(timespec="seconds"), "version": version, "reason": reason}
+    if store.is_local:
+        with open(store.local_path(layout.serving_log_key(dataset)), "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+    else:  # an object store cannot append: one object per promotion, named to sort by time
+        store.write_json(f"{layout.serving_history_prefix(dataset)}/"
+                         f"{layout.serving_event_name(now, secrets.token_hex(4))}", entry)
     log.info("%s: serving %s (%s)", dataset, version, reason)
 
 
-def serving_history(root: Path, dataset: str) -> list[dict]:
-    path = Path(root) / dataset / SERVING_LOG
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def serving_history(root: Root, dataset: str) -> list[dict]:
+    """Every promotion of ``dataset``, oldest first: ``{"time_utc", "version", "reason"}``."""
+    store = store_of(root)
+    if store.is_local:
+        path = store.local_path(layout.serving_log_key(dataset))
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prefix = layout.serving_history_prefix(dataset)
+    return [store.read_json(f"{prefix}/{name}") for name in store.list(prefix) if name.endswith(".json")]
 
 
-def rollback(root: Path, dataset: str) -> str:
+def rollback(root: Root, dataset: str) -> str:
     """Serve the version that served before the current one; returns it."""
     current = serving_version(root, dataset)
     previous = [e["version"] for e in serving_history(root, dataset) if e["version"] != current]
@@ -103,33 +127,44 @@ def rollback(root: Path, dataset: str) -> str:
     return previous[-1]
 
 
-def serving_paths(root: Path, dataset: str) -> dict[str, Path]:
-    """Directories of what serves: ``evaluate``, ``split`` and ``forest`` (the one with most trees)."""
+def serving_refs(root: Root, dataset: str) -> dict[str, ArtifactRef]:
+    """What serves: ``evaluate``, ``split`` and ``forest`` (the one with most trees)."""
     version = serving_version(root, dataset)
     if version is None:
         raise ArtifactError(f"{dataset}: nothing is serving yet; run `grove rebuild` or `grove promote`")
-    evaluate = Path(root) / dataset / "evaluate" / version
-    if not (evaluate / artifacts.MANIFEST).is_file():
-        raise ArtifactError(f"{dataset}: the serving version evaluate/{version} is missing under the artifact root "
-                            f"{Path(root).absolute()} (removed as damaged, or deleted); run `grove run {dataset} "
-                            f"--rebuild` to build it again, or `grove rollback {dataset}`")
+    evaluate = _serving_ref(root, dataset, version)
+    if not evaluate.exists():
+        raise ArtifactError(f"{dataset}: the serving version {layout.serving_target(version)} is missing under the "
+                            f"artifact root {_root_text(root)} (removed as damaged, or deleted); run `grove run "
+                            f"{dataset} --rebuild` to build it again, or `grove rollback {dataset}`")
     parents = artifacts.read_manifest(evaluate)["parents"]
     forests = {name: key for name, key in parents.items() if name.startswith("forest_")}
     best = max(forests, key=lambda name: int(name.split("_")[1]))
-    return {"evaluate": evaluate, "split": Path(root) / parents["split"], "forest": Path(root) / forests[best]}
+    return {"evaluate": evaluate, "split": ref_from_key(root, parents["split"]),
+            "forest": ref_from_key(root, forests[best])}
 
 
-def verified_serving_paths(root: Path, dataset: str) -> dict[str, Path]:
-    """``serving_paths``, after checking the files a query reads (the split and the forest) with
+def serving_paths(root: Root, dataset: str) -> dict[str, Path]:
+    """The directories of ``serving_refs`` (local roots)."""
+    return {name: ref.path for name, ref in serving_refs(root, dataset).items()}
+
+
+def verified_serving_refs(root: Root, dataset: str) -> dict[str, ArtifactRef]:
+    """``serving_refs``, after checking the files a query reads (the split and the forest) with
     ``artifacts.verify_once``: a file changed since it was last verified raises ArtifactError before
     anything answers from it."""
-    paths = serving_paths(root, dataset)
+    refs = serving_refs(root, dataset)
     for name in ("split", "forest"):
-        artifacts.verify_once(paths[name])
-    return paths
+        artifacts.verify_once(refs[name])
+    return refs
 
 
-def judge(root: Path, dataset: str, evaluate: artifacts.ArtifactRef, results: dict, gate: dict, date: str) -> dict:
+def _root_text(root: Root) -> str:
+    store = store_of(root)
+    return str(Path(root).absolute()) if store.is_local else store.uri
+
+
+def judge(root: Root, dataset: str, evaluate: ArtifactRef, results: dict, gate: dict, date: str) -> dict:
     """Gate an evaluation and promote it if it passes; returns the dated record of the decision.
 
     Only a whole chain is promoted: the evaluation and every version it was built from are checked
@@ -154,23 +189,31 @@ def judge(root: Path, dataset: str, evaluate: artifacts.ArtifactRef, results: di
 # --- garbage collection --------------------------------------------------------------------------
 
 
-def _closure(root: Path, keys: set[str]) -> set[str]:
+def _parents_of(root: Root, key: str) -> dict[str, str] | None:
+    """The parents a version's manifest names; None when it has no (readable) manifest."""
+    try:
+        return artifacts.read_manifest(ref_from_key(root, key), verify="none").get("parents", {})
+    except ArtifactError:
+        return None
+
+
+def _closure(root: Root, keys: set[str]) -> set[str]:
     """The given version keys and every ancestor they depend on."""
     seen: set[str] = set()
     stack = list(keys)
     while stack:
         key = stack.pop()
-        if key in seen or not (Path(root) / key / artifacts.MANIFEST).is_file():
+        if key in seen or not ref_from_key(root, key).exists():
             continue
         seen.add(key)
-        stack.extend(artifacts.read_manifest(Path(root) / key, verify="none").get("parents", {}).values())
+        stack.extend((_parents_of(root, key) or {}).values())
     return seen
 
 
-def ancestry(root: Path, key: str) -> list[Path]:
-    """The directory of version ``key`` and of every version it was built from, as its manifests
-    name them, missing ones included (their own parents are unknown), ``key`` first."""
-    out: list[Path] = []
+def ancestry(root: Root, key: str) -> list[ArtifactRef]:
+    """Version ``key`` and every version it was built from, as its manifests name them, missing ones
+    included (their own parents are unknown), ``key`` first."""
+    out: list[ArtifactRef] = []
     seen: set[str] = set()
     stack = [key]
     while stack:
@@ -178,92 +221,146 @@ def ancestry(root: Path, key: str) -> list[Path]:
         if current in seen:
             continue
         seen.add(current)
-        path = Path(root) / current
-        out.append(path)
-        if (path / artifacts.MANIFEST).is_file():
-            stack.extend(sorted(artifacts.read_manifest(path, verify="none").get("parents", {}).values()))
+        ref = ref_from_key(root, current)
+        out.append(ref)
+        if ref.exists():
+            stack.extend(sorted((_parents_of(root, current) or {}).values()))
     return out
 
 
-def plan_gc(root: Path, keep: int) -> list[Path]:
-    """Version directories that ``gc`` would delete: all but the newest ``keep`` per stage, sparing
-    whatever ``latest`` or ``serving`` points at and everything those depend on; then the cached
-    downloads of mutable sources that none of the newest ``keep`` snapshots pins."""
+def _datasets(root: Root) -> list[str]:
+    store = store_of(root)
+    return [name for name in store.list("") if layout.is_dataset(name)
+            and (not store.is_local or store.local_path(name).is_dir())]
+
+
+def _stages(root: Root, dataset: str) -> list[str]:
+    store = store_of(root)
+    out = []
+    for name in store.list(layout.dataset_key(dataset)):
+        if not layout.is_stage(name):
+            continue
+        if store.is_local:
+            path = store.local_path(layout.stage_key(dataset, name))
+            if not path.is_dir() or path.is_symlink():
+                continue
+        out.append(name)
+    return out
+
+
+def plan_gc(root: Root, keep: int) -> list[str]:
+    """Keys of what ``gc`` would delete: versions, all but the newest ``keep`` per stage, sparing
+    whatever ``latest`` or ``serving`` points at and everything those depend on; then the stored bytes
+    of mutable sources that none of the newest ``keep`` snapshots pins; on an object store, upload
+    attempts that no manifest names and that are older than ``ATTEMPT_GRACE_SECONDS`` (a writer
+    killed mid-upload)."""
     if keep < 1:
         raise ConfigError(f"gc --keep must be at least 1, got {keep}")
-    root = Path(root)
+    store = store_of(root)
     pinned: set[str] = set()
     every: list[str] = []
-    for dataset_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        dataset = dataset_dir.name
-        serving = artifacts.read_pointer(dataset_dir, SERVING)
+    stale: list[str] = []
+    for dataset in _datasets(root):
+        serving = serving_version(root, dataset)
         if serving:
-            pinned.add(f"{dataset}/{serving}")
-        for stage_dir in sorted(p for p in dataset_dir.iterdir() if p.is_dir() and not p.is_symlink()):
-            versions = artifacts.list_versions(root, dataset, stage_dir.name)
-            keys = [f"{dataset}/{stage_dir.name}/{m['version']}" for m in versions]
+            pinned.add(layout.version_key(dataset, layout.SERVED_STAGE, serving))
+        for stage in _stages(root, dataset):
+            versions = artifacts.list_versions(root, dataset, stage)
+            keys = [layout.version_key(dataset, stage, m["version"]) for m in versions]
             every.extend(keys)
             pinned.update(keys[-keep:])
-            latest = artifacts.read_pointer(stage_dir)
+            latest = store.get_pointer(layout.stage_key(dataset, stage), layout.LATEST)
             if latest:
-                pinned.add(f"{dataset}/{stage_dir.name}/{latest}")
+                pinned.add(layout.version_key(dataset, stage, latest))
+            if not store.is_local:  # killed or outrun uploads, in published versions and unfinished ones
+                for name in store.list(layout.stage_key(dataset, stage)):
+                    if layout.is_version(name):
+                        stale.extend(store.stale_attempts(layout.version_key(dataset, stage, name),
+                                                          ATTEMPT_GRACE_SECONDS))
     kept = _closure(root, pinned)
-    # Cached bytes of mutable sources go with their snapshots (fetch versions hold their own links).
-    return [root / key for key in every if key not in kept] + snapshot.plan_cache_gc(root, keep)
+    # Stored bytes of mutable sources go with their snapshots (fetch versions hold their own copies).
+    return [*(k for k in every if k not in kept), *snapshot.plan_cache_gc(root, keep), *stale]
 
 
-def gc(root: Path, keep: int, dry_run: bool = False) -> list[Path]:
-    """Delete what ``plan_gc`` lists (nothing with ``dry_run``); returns the list."""
+def gc(root: Root, keep: int, dry_run: bool = False) -> list[str]:
+    """Delete what ``plan_gc`` lists (nothing with ``dry_run``); returns the keys."""
     doomed = plan_gc(root, keep)
-    for path in doomed:
+    for key in doomed:
         if dry_run:
-            log.info("would delete %s", path)
+            log.info("would delete %s", artifacts.location(root, key))
+        elif _is_version_key(key):
+            remove_version(ref_from_key(root, key))
         else:
-            remove_version(path)
+            _remove_tree(root, key)
     return doomed
 
 
-def remove_version(path: Path) -> None:
-    """Delete one version directory. It is renamed first, so a half-deleted directory never looks
-    like a complete version. A ``latest`` pointer that named it is moved (see ``fix_latest``)."""
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
-    os.rename(path, trash)
-    shutil.rmtree(trash)
-    log.debug("deleted %s", path)
-    fix_latest(path.parent)
+def _is_version_key(key: str) -> bool:
+    try:
+        layout.split_version_key(key)
+    except ValueError:
+        return False
+    return True
 
 
-def fix_latest(stage_dir: Path) -> str | None:
-    """Make ``stage_dir/latest`` name a published version again when its target is gone: the newest
-    remaining one, or no pointer at all when none remains. Returns where it points now."""
-    stage_dir = Path(stage_dir)
-    latest = artifacts.read_pointer(stage_dir)
-    if latest is None or (stage_dir / latest / artifacts.MANIFEST).is_file():
+def _remove_tree(root: Root, key: str) -> None:
+    store = store_of(root)
+    if store.is_local:
+        path = store.local_path(key)
+        trash = path.with_name(layout.trash_name(path.name, os.getpid()))
+        os.rename(path, trash)
+        shutil.rmtree(trash)
+    else:
+        store.delete_tree(key)
+    log.debug("deleted %s", artifacts.location(root, key))
+
+
+def remove_version(version: Version) -> None:
+    """Delete one version. Its manifest goes first (an object store) or the directory is renamed first
+    (a local root), so a half-deleted version never looks like a complete one. A ``latest`` pointer that
+    named it is moved (see ``fix_latest``)."""
+    ref = as_ref(version)
+    store = ref.store
+    if store.is_local:
+        _remove_tree(ref.root, ref.key)
+    else:
+        store.delete(layout.manifest_key(ref.key))
+        store.delete_tree(ref.key)
+        log.debug("deleted %s", ref.location)
+    fix_latest(ref.root, ref.dataset, ref.stage)
+
+
+def fix_latest(root: Root, dataset: str, stage: str) -> str | None:
+    """Make the stage's ``latest`` pointer name a published version again when its target is gone: the
+    newest remaining one, or no pointer at all when none remains. Returns where it points now."""
+    store = store_of(root)
+    stage_key = layout.stage_key(dataset, stage)
+    latest = store.get_pointer(stage_key, layout.LATEST)
+    if latest is None or store.exists(layout.manifest_key(layout.version_key(dataset, stage, latest))):
         return latest
-    versions = artifacts.list_versions(stage_dir.parent.parent, stage_dir.parent.name, stage_dir.name)
+    versions = artifacts.list_versions(root, dataset, stage)
     if versions:
-        artifacts.set_pointer(stage_dir, artifacts.LATEST, versions[-1]["version"])
-        log.debug("%s/latest: %s is gone; now %s", stage_dir, latest, versions[-1]["version"])
+        store.set_pointer(stage_key, layout.LATEST, versions[-1]["version"])
+        log.debug("%s/latest: %s is gone; now %s", stage_key, latest, versions[-1]["version"])
         return versions[-1]["version"]
-    (stage_dir / artifacts.LATEST).unlink(missing_ok=True)
-    log.debug("%s/latest: %s is gone and no other version remains; pointer removed", stage_dir, latest)
+    store.remove_pointer(stage_key, layout.LATEST)
+    log.debug("%s/latest: %s is gone and no other version remains; pointer removed", stage_key, latest)
     return None
 
 
 # --- repair --------------------------------------------------------------------------------------
 
 
-def version_key(path: Path) -> str:
-    """``dataset/stage/version`` of a version directory (its root-relative name)."""
-    path = Path(path)
-    return f"{path.parent.parent.name}/{path.parent.name}/{path.name}"
+def version_key(version: Version) -> str:
+    """``dataset/stage/version`` of a version (its root-relative name)."""
+    return as_ref(version).key
 
 
-def _parents_first(graph: Mapping[Path, Sequence[Path]]) -> list[Path]:
-    order: list[Path] = []
-    done: set[Path] = set()
+def _parents_first(graph: Mapping[ArtifactRef, Sequence[ArtifactRef]]) -> list[ArtifactRef]:
+    order: list[ArtifactRef] = []
+    done: set[ArtifactRef] = set()
 
-    def visit(node: Path) -> None:
+    def visit(node: ArtifactRef) -> None:
         stack = [(node, iter(graph.get(node, ())))]
         while stack:
             current, parents = stack[-1]
@@ -283,32 +380,42 @@ def _parents_first(graph: Mapping[Path, Sequence[Path]]) -> list[Path]:
 
 
 class Removal(NamedTuple):
-    """One version a repair removes: its directory, whether it is damaged itself (else it was built
+    """One version a repair removes: its reference, whether it is damaged itself (else it was built
     from a damaged or missing version) and why."""
 
-    path: Path
+    ref: ArtifactRef
     damaged: bool
     reason: str
 
     @property
     def key(self) -> str:
-        return version_key(self.path)
+        return self.ref.key
+
+    @property
+    def path(self) -> Path:
+        """Its directory (local roots)."""
+        return self.ref.path
 
 
-def plan_repair(graph: Mapping[Path, Sequence[Path]], force: bool = False) -> list[Removal]:
+def _as_graph(graph: Mapping[Version, Sequence[Version]]) -> dict[ArtifactRef, list[ArtifactRef]]:
+    return {as_ref(node): [as_ref(p) for p in parents] for node, parents in graph.items()}
+
+
+def plan_repair(graph: Mapping[Version, Sequence[Version]], force: bool = False) -> list[Removal]:
     """What repairing a chain removes, parents first.
 
-    ``graph`` maps every version directory of the chain to its parents' directories (the stages' DAG
-    as the tasks know it, so it holds even where a directory is gone). A published version is removed
-    when ``artifacts.verify_once`` finds it damaged, or when any version it was built from (at any
-    depth) is damaged or missing: its bytes were computed from bytes that are no longer there, so it
-    is built again after its parents. ``force`` hashes every file even where a verified-stamp matches.
+    ``graph`` maps every version of the chain to its parents (the stages' DAG as the tasks know it,
+    so it holds even where a version is gone). A published version is removed when
+    ``artifacts.verify_once`` finds it damaged, or when any version it was built from (at any depth)
+    is damaged or missing: its bytes were computed from bytes that are no longer there, so it is
+    built again after its parents. ``force`` hashes every file even where a verified-stamp matches.
     """
-    cause: dict[Path, tuple[str, str]] = {}  # version -> (key, state) of what makes it untrustworthy
+    graph = _as_graph(graph)
+    cause: dict[ArtifactRef, tuple[str, str]] = {}  # version -> (key, state) of what makes it untrustworthy
     plan: list[Removal] = []
     for node in _parents_first(graph):
-        if not (node / artifacts.MANIFEST).is_file():
-            cause[node] = (version_key(node), "missing")
+        if not node.exists():
+            cause[node] = (node.key, "missing")
             continue
         bad_parent = next((p for p in graph.get(node, ()) if p in cause), None)
         if bad_parent is not None:
@@ -318,12 +425,33 @@ def plan_repair(graph: Mapping[Path, Sequence[Path]], force: bool = False) -> li
         try:
             artifacts.verify_once(node, force=force)
         except ArtifactError as exc:
-            cause[node] = (version_key(node), "damaged")
+            cause[node] = (node.key, "damaged")
             plan.append(Removal(node, True, str(exc)))
     return plan
 
 
-def repair(graph: Mapping[Path, Sequence[Path]], force: bool = False, ledger: Path | None = None) -> list[Removal]:
+def _manifest_digest(ref: ArtifactRef) -> str | None:
+    """The sha256 of a version's manifest bytes: a version built again has another manifest (its
+    time, its duration), so this tells a rebuilt version from the one a repair saw."""
+    try:
+        return hashlib.sha256(ref.store.read_bytes(layout.manifest_key(ref.key))).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _rebuilt_since(ref: ArtifactRef, removed: Mapping) -> bool:
+    """Whether the version a ledger entry removed was published again since: on a local root its
+    manifest is newer than the removal; on an object store (no modification times here) its manifest
+    differs from the one removed."""
+    if ref.store.is_local:
+        removed_ns = removed.get("removed_ns")
+        return bool(removed_ns) and (ref.path / layout.MANIFEST).stat().st_mtime_ns > removed_ns
+    digest = removed.get("manifest_sha256")
+    return bool(digest) and _manifest_digest(ref) != digest
+
+
+def repair(graph: Mapping[Version, Sequence[Version]], force: bool = False,
+           ledger: Path | None = None) -> list[Removal]:
     """Remove what ``plan_repair`` lists, so that building the chain again rebuilds exactly that;
     returns the list, parents first. Children are removed before their parents: a repair cut short
     leaves the damaged parent in place, to be found again.
@@ -336,28 +464,28 @@ def repair(graph: Mapping[Path, Sequence[Path]], force: bool = False, ledger: Pa
     if ledger is not None:
         earlier = read_ledger(ledger)
         for r in plan:
-            removed_ns = earlier.get(r.key, {}).get("removed_ns")
-            if r.damaged and removed_ns and (r.path / artifacts.MANIFEST).stat().st_mtime_ns > removed_ns:
+            if r.damaged and _rebuilt_since(r.ref, earlier.get(r.key, {})):
                 raise ArtifactError(f"{r.key} was removed as damaged and rebuilt, and the rebuilt version is damaged "
                                     f"again: {r.reason} The repair cannot fix this: check the disk (dmesg, free space) "
                                     "and what else writes under the artifact root.")
         if plan:
             now = time.time_ns()
-            artifacts.write_json_atomic(ledger, {**earlier, **{r.key: {"removed_ns": now, "damaged": r.damaged,
-                                                                       "reason": r.reason} for r in plan}})
+            artifacts.write_json_atomic(ledger, {**earlier, **{
+                r.key: {"removed_ns": now, "manifest_sha256": _manifest_digest(r.ref), "damaged": r.damaged,
+                        "reason": r.reason} for r in plan}})
     for removal in reversed(plan):
-        remove_version(removal.path)
+        remove_version(removal.ref)
     return plan
 
 
-def repair_ledger(root: Path, dataset: str, run: str) -> Path:
+def repair_ledger(root: Root, dataset: str, run: str) -> Path:
     """Where one run's repairs are remembered (in the scratch directory: per machine, safe to lose)."""
-    root_id = hashlib.sha256(str(Path(root).absolute()).encode()).hexdigest()[:16]
-    return scratch_dir() / "repairs" / f"{root_id}-{dataset}-{run}.json"
+    root_id = hashlib.sha256(_root_text(root).encode()).hexdigest()[:16]
+    return layout.repairs_dir() / f"{root_id}-{dataset}-{run}.json"
 
 
 def read_ledger(ledger: Path) -> dict:
-    """``{version key: {"removed_ns", "damaged", "reason"}}`` of a repair ledger ({} if none or unreadable)."""
+    """``{version key: {"removed_ns", "manifest_sha256", "damaged", "reason"}}`` of a repair ledger ({} if none or unreadable)."""
     try:
         data = json.loads(Path(ledger).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -377,18 +505,19 @@ def close_ledger(ledger: Path) -> list[dict]:
     return entries
 
 
-def check_versions(paths: Sequence[Path], force: bool = False) -> list[tuple[Path, str]]:
-    """``(version directory, what is wrong)`` for each given version that is missing or damaged."""
+def check_versions(versions: Sequence[Version], force: bool = False) -> list[tuple[ArtifactRef, str]]:
+    """``(version, what is wrong)`` for each given version that is missing or damaged."""
     problems = []
-    for path in paths:
+    for version in versions:
+        ref = as_ref(version)
         try:
-            artifacts.verify_once(path, force=force)
+            artifacts.verify_once(ref, force=force)
         except ArtifactError as exc:
-            problems.append((Path(path), str(exc)))
+            problems.append((ref, str(exc)))
     return problems
 
 
-def serving_closure(root: Path, dataset: str) -> list[Path]:
-    """The serving evaluation's directory and every version it was built from (see ``ancestry``)."""
+def serving_closure(root: Root, dataset: str) -> list[ArtifactRef]:
+    """The serving evaluation and every version it was built from (see ``ancestry``)."""
     version = serving_version(root, dataset)
-    return [] if version is None else ancestry(root, f"{dataset}/evaluate/{version}")
+    return [] if version is None else ancestry(root, layout.version_key(dataset, layout.SERVED_STAGE, version))

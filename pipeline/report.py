@@ -27,11 +27,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from . import __version__
-from .artifacts import LATEST, MANIFEST, list_versions, read_pointer
+from . import __version__, layout
+from .artifacts import (LATEST, MANIFEST, list_versions, location, read_manifest, ref_from_key, store_of,
+                        version_dir)
 from .curse import DatasetContrast
 from .errors import ArtifactError, IndexFormatError, IndexMismatchError
-from .evaluate import read_results
+from .evaluate import RESULTS_JSON, read_results
 from .evaluate import finite_or_none, spread_percent
 from .paths import write_text_atomic
 
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 TEMPLATES = Path(__file__).with_name("templates")
 REPORT = "report.html"
 REPORT_JSON = "report.json"
-SERVING = "serving"  # <root>/<dataset>/serving -> evaluate/<version>, as pipeline.lifecycle.promote sets it
 QPS_RECALL_TARGET = 0.9
 _BLOCK = re.compile(r"<!--BEGIN (\w+)-->\n?(.*?)<!--END \1-->\n?", re.S)
 
@@ -406,33 +406,37 @@ def lineage_from_manifests(root: str | os.PathLike, evaluate_dir: str | os.PathL
     ``manifest``: the evaluation's own manifest when it is not on disk yet (a report written while
     the evaluation is being published).
     """
-    root = Path(root)
     out: list[dict] = []
     seen: set[str] = set()
 
-    def visit(path: Path, name: str, key: str, m: dict | None = None) -> None:
+    def visit(key: str, name: str, m: dict | None = None, path: str | None = None) -> None:
         if key in seen:
             return
         seen.add(key)
-        mf = path / MANIFEST
-        if m is None and not mf.is_file():
-            log.warning("lineage: %s has no %s; it was deleted or never completed", path, MANIFEST)
-            out.append({"name": name, "key": key, "path": str(path), "missing": True, "parents": []})
-            return
-        m = m if m is not None else json.loads(mf.read_text(encoding="utf-8"))
+        path = path or location(root, key)
+        if m is None:
+            try:
+                m = read_manifest(ref_from_key(root, key), verify="none")
+            except ArtifactError:
+                log.warning("lineage: %s has no %s; it was deleted or never completed", path, MANIFEST)
+                out.append({"name": name, "key": key, "path": path, "missing": True, "parents": []})
+                return
         parents = m.get("parents", {})
         for pname, pkey in sorted(parents.items()):
-            visit(root / pkey, pname, pkey)
+            visit(pkey, pname)
         out.append({
             "name": name, "key": key, "dataset": m.get("dataset"), "stage": m.get("stage"),
             "version": m.get("version"), "params": m.get("params", {}), "seconds": m.get("seconds"),
             "created_utc": m.get("created_utc"), "rows": m.get("rows", {}), "metrics": m.get("metrics", {}),
-            "parents": sorted(parents.values()), "path": str(path), "missing": False,
+            "parents": sorted(parents.values()), "path": path, "missing": False,
         })
 
-    evaluate_dir = Path(evaluate_dir).resolve()
-    m = manifest if manifest is not None else json.loads((evaluate_dir / MANIFEST).read_text(encoding="utf-8"))
-    visit(evaluate_dir, m.get("stage", "evaluate"), f"{m.get('dataset')}/{m.get('stage')}/{m.get('version')}", m)
+    where = str(evaluate_dir) if "://" in str(evaluate_dir) else str(Path(evaluate_dir).resolve())
+    if manifest is None:
+        manifest = json.loads((Path(where) / MANIFEST).read_text(encoding="utf-8"))
+    m = manifest
+    visit(layout.version_key(m.get("dataset"), m.get("stage"), m.get("version")), m.get("stage", "evaluate"), m,
+          where)
     return out
 
 
@@ -628,61 +632,80 @@ def scan_evaluations(root: str | os.PathLike) -> list[dict]:
     (path or None), "serving" (bool), "k", "metric", "n_queries", "best_recall", "qps_at_target",
     "build_seconds", "exact_qps", "curse" (dict or None)}``.
     """
-    root = Path(root)
+    store = store_of(root)
     out = []
-    datasets = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
-    for ds_dir in datasets:
-        target = read_pointer(ds_dir, SERVING)
-        serving = target.split("/", 1)[1] if target and "/" in target else None
+    datasets = [name for name in store.list("") if layout.is_dataset(name)
+                and (not store.is_local or store.local_path(name).is_dir())]
+    for dataset in datasets:
+        serving = layout.served_version(store.get_pointer(layout.dataset_key(dataset), layout.SERVING))
         behind: dict[str, list[str]] = {}
-        if serving and (ds_dir / "evaluate" / serving / MANIFEST).is_file():
-            for e in lineage_from_manifests(root, ds_dir / "evaluate" / serving):
+        served = ref_from_key(root, layout.version_key(dataset, layout.SERVED_STAGE, serving)) if serving else None
+        if served is not None and served.exists():
+            for e in lineage_from_manifests(root, served.location, read_manifest(served, verify="none")):
                 if not e.get("missing"):
                     behind.setdefault(e["stage"], []).append(e["version"])
-        stage_dirs = sorted(p for p in ds_dir.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
-        stages = [{"stage": sd.name, "latest": read_pointer(sd, LATEST),
-                   "serving": ", ".join(behind[sd.name]) if sd.name in behind else None} for sd in stage_dirs]
+        stage_names = [name for name in store.list(layout.dataset_key(dataset)) if layout.is_stage(name) and (
+            not store.is_local or (store.local_path(layout.stage_key(dataset, name)).is_dir()
+                                   and not store.local_path(layout.stage_key(dataset, name)).is_symlink()))]
+        stages = [{"stage": name, "latest": store.get_pointer(layout.stage_key(dataset, name), LATEST),
+                   "serving": ", ".join(behind[name]) if name in behind else None} for name in stage_names]
         if not stages:
             continue
         evaluations = []
-        for m in list_versions(root, ds_dir.name, "evaluate"):
-            path = Path(m["path"])
-            results_path = path / "results.json"
-            if not results_path.is_file():
-                log.warning("%s has no results.json; left out of the index", path)
+        for m in list_versions(root, dataset, layout.SERVED_STAGE):
+            key = layout.version_key(dataset, layout.SERVED_STAGE, m["version"])
+            path = version_dir(root, key)  # on an object store: a verified copy in this machine's cache
+            if not (path / RESULTS_JSON).is_file():
+                log.warning("%s has no %s; left out of the index", m["path"], RESULTS_JSON)
                 continue
             results = read_results(path)
             s = summarize_results(results)
             sidecar = path / REPORT_JSON
             extra = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
             evaluations.append({
-                "version": m["version"], "created_utc": m.get("created_utc", ""), "path": str(path),
-                "report": str(path / REPORT) if (path / REPORT).is_file() else None,
+                "version": m["version"], "created_utc": m.get("created_utc", ""), "path": m["path"],
+                "report": _report_location(root, key, path),
                 "serving": m["version"] == serving, "k": results.get("k", 10),
                 "metric": results.get("metric"), "n_queries": results.get("n_queries"),
                 "best_recall": s["best_recall"], "qps_at_target": s["qps_at_target"],
                 "build_seconds": s["build_seconds"], "exact_qps": s["exact_qps"], "curse": extra.get("curse"),
             })
-        out.append({"dataset": ds_dir.name, "serving": serving, "stages": stages, "evaluations": evaluations})
+        out.append({"dataset": dataset, "serving": serving, "stages": stages, "evaluations": evaluations})
     return out
 
 
-def _link(target: str | None, base: Path, text: str) -> tuple[str, str] | str:
+def _report_location(root: str | os.PathLike, key: str, local: Path) -> str | None:
+    """Where an evaluation's report.html is: its path on a local root, its object's URI on a store."""
+    if not (local / REPORT).is_file():
+        return None
+    store = store_of(root)
+    if store.is_local:
+        return str(local / REPORT)
+    _, keys = store.version_file_keys(key)
+    return location(root, keys.get(REPORT, f"{key}/{REPORT}"))
+
+
+def _link(target: str | None, base: Path | str, text: str) -> tuple[str, str] | str:
+    """A link to ``target`` relative to ``base`` (a local directory, or the URI the page is stored under)."""
     if not target:
         return "no report yet"
-    rel = os.path.relpath(target, base).replace(os.sep, "/")
+    if "://" in target or "://" in str(base):
+        prefix = str(base).rstrip("/") + "/"
+        rel = target[len(prefix):] if target.startswith(prefix) else target
+    else:
+        rel = os.path.relpath(target, base).replace(os.sep, "/")
     return ("html", f'<a href="{_esc(rel)}">{_esc(text)}</a>')
 
 
 def write_index_page(root: str | os.PathLike, out_path: str | os.PathLike,
-                     datasets_info: Sequence[Mapping] | None = None) -> Path:
+                     datasets_info: Sequence[Mapping] | None = None, links_base: str | None = None) -> Path:
     """Write the index of all datasets (default: ``scan_evaluations(root)``) to ``out_path``; return it.
 
     Links to each evaluation's report.html are relative to ``out_path``'s directory, so the root and
     the page can move together.
     """
     out_path = Path(out_path)
-    base = out_path.parent.resolve()
+    base = out_path.parent.resolve() if links_base is None else links_base
     info = list(scan_evaluations(root) if datasets_info is None else datasets_info)
     t = load_templates("index.html")
     blocks, overview, curse_entries = [], [], []
@@ -718,7 +741,8 @@ def write_index_page(root: str | os.PathLike, out_path: str | os.PathLike,
             image=plot_curse(curve, [(n, c["ratio"], c["equivalent_dimension"]) for n, c in curse_entries]),
             table=_curse_table(curse_entries))
     page = t["page"].substitute(
-        root=_esc(Path(root).resolve()), n_datasets=len(info), n_evaluations=sum(len(d["evaluations"]) for d in info),
+        root=_esc(location(root, "") if "://" in str(root) else Path(root).resolve()), n_datasets=len(info),
+        n_evaluations=sum(len(d["evaluations"]) for d in info),
         nav="".join(f'<a href="#ds-{_esc(re.sub(r"[^A-Za-z0-9_-]", "-", d["dataset"]))}">{_esc(d["dataset"])}</a>'
                     for d in info) + ('<a href="#curse">Curse of dimensionality</a>' if curse_section else ""),
         overview_table=_table(["dataset", "evaluations", "latest evaluation", "best recall@k",
@@ -753,12 +777,12 @@ def build_evaluation_report(
     from .curse import dataset_contrast
     from .vectors import read_vectors
 
-    root, evaluate_dir = Path(root), Path(evaluate_dir)
+    evaluate_dir = Path(evaluate_dir)
     if manifest is None:
         manifest = json.loads((evaluate_dir / MANIFEST).read_text(encoding="utf-8"))
     results = read_results(evaluate_dir)
     parents = manifest.get("parents", {})
-    split_dir, exact_dir = root / parents["split"], root / parents["exact"]
+    split_dir, exact_dir = version_dir(root, parents["split"]), version_dir(root, parents["exact"])
     base = read_vectors(split_dir / "base.arrow")
     queries = read_vectors(split_dir / "queries.arrow")
     k = int(results.get("k", 10))
@@ -803,7 +827,7 @@ def _word_examples(root, parents, results, base, queries, exact_ids, exact_dists
     rows = np.sort(rng.choice(len(queries), size=min(12, len(queries)), replace=False))
     source = f"n_trees {setting['n_trees']}, search_k {setting['search_k']:,}, recall@{k} {setting['recall']:.3f}"
     try:
-        forest = Forest.load(root / forests[setting["n_trees"]] / "index", metric=results.get("metric"),
+        forest = Forest.load(version_dir(root, forests[setting["n_trees"]]) / "index", metric=results.get("metric"),
                              dim=queries.dim)
         approx_ids, approx_dists = forest.query_batch(
             np.ascontiguousarray(queries.vectors[rows], dtype=np.float32), k=k, search_k=setting["search_k"],

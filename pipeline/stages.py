@@ -34,13 +34,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import download, snapshot
+from . import download, layout, snapshot
 from .errors import ChecksumError, ConfigError
 from .evaluate import (RESULT_KEYS, RESULTS_JSON, ROW_ID, TIMINGS_JSON, directory_bytes, exact_baseline,  # noqa: F401
                        read_results, sweep_forest)
 from .decode import DECODERS
 from .exact import exact_neighbors, normalize_rows
-from .artifacts import read_manifest
+from .artifacts import location, read_manifest, ref_from_key, store_of, version_dir
 from .vectors import read_vectors, write_vectors
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,13 @@ def stage_params(cfg: dict, stage: str, **extra: Any) -> dict:
 # --- fetch ---------------------------------------------------------------------------------------
 
 
-def write_fetch(cfg: dict, out: Path, cache_dir: Path, mirror: str | None = None, report: Report = _quiet) -> dict:
-    """Download every source into ``cache_dir`` (kept between runs so a cut download resumes),
-    verify it, then link it into ``out``."""
+def write_fetch(cfg: dict, out: Path, cache_dir: Path, mirror: str | None = None, report: Report = _quiet,
+                root: str | os.PathLike | None = None) -> dict:
+    """Download every source into ``cache_dir`` (this machine's download cache, kept between runs so a
+    cut download resumes), verify it, then link it into ``out``.
+
+    A mutable source's pinned bytes wait in the artifact ``root`` (see pipeline/snapshot.py): they are
+    copied from there into the cache (any machine finds them) before its URLs are tried."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     sources = cfg["sources"]
     for i, (name, src) in enumerate(sorted(sources.items())):
@@ -145,17 +149,23 @@ def write_fetch(cfg: dict, out: Path, cache_dir: Path, mirror: str | None = None
             part = done / total if total else 0.0
             report((i + part) / len(sources), f"fetch {name}: {done / 1e6:.1f} MB")
 
-        # A mutable source's pinned bytes wait content-addressed in the cache (see pipeline/snapshot.py).
-        dest = (snapshot.content_path(cache_dir, src["sha256"], src["filename"]) if src["mutable"]
-                else cache_dir / src["filename"])
+        stored = None
+        if src["mutable"]:
+            dest = snapshot.content_path(cache_dir, src["sha256"], src["filename"])
+            stored = layout.snapshot_bytes_key(cfg["dataset"]["name"], src["sha256"], src["filename"])
+            if root is not None and not dest.is_file() and store_of(root).exists(stored):
+                store_of(root).download(stored, dest)  # checked against the pin by fetch() below
+        else:
+            dest = cache_dir / src["filename"]
         try:
             cached = download.fetch(urls, dest, sha256=src["sha256"], md5=src["md5"], progress=progress)
         except ChecksumError as exc:
             if not src["mutable"]:
                 raise
-            raise ChecksumError(f"mutable source {name}: the snapshot pinned sha256 {src['sha256']}, its cached copy "
-                                f"{dest} is gone and the publisher now serves other bytes; run a newer date "
-                                f"(its snapshot pins the current file). {exc}") from exc
+            where = "the artifact root" if root is None else location(root, stored)
+            raise ChecksumError(f"mutable source {name}: the snapshot pinned sha256 {src['sha256']}, its stored copy "
+                                f"({where}) is gone or damaged and the publisher now serves other bytes; run a newer "
+                                f"date (its snapshot pins the current file). {exc}") from exc
         _link_or_copy(cached, out / src["filename"])
     report(1.0, f"fetched {len(sources)} files")
     return {"rows": {"files": len(sources)}}
@@ -325,10 +335,12 @@ def write_forest(cfg: dict, split: Path, out: Path, n_trees: int, n_threads: int
 # --- evaluate ------------------------------------------------------------------------------------
 
 
-def embedding_quality(cfg: dict, embedded: Path, split: Path, exact: Path) -> dict:
+def embedding_quality(cfg: dict, embedded: Path, split: Path, exact: Path,
+                      root: str | os.PathLike | None = None) -> dict:
     """How good the embedding itself is: word similarity and analogies for word vectors; for labelled
     items, label precision@10 (the share of each query's 10 exact nearest base items with its label)
-    and, for a trained CNN, its classifier's test accuracy."""
+    and, for a trained CNN, its classifier's test accuracy (from the train version's manifest under
+    the artifact ``root``; default: the root that holds the local directory ``embedded``)."""
     if cfg["dataset"]["kind"] == "word2vec":
         from .wordeval import evaluate_word_embedding
 
@@ -342,13 +354,13 @@ def embedding_quality(cfg: dict, embedded: Path, split: Path, exact: Path) -> di
     quality = {"label_precision_at_10": float((base_labels[neighbors] == query_labels[:, None]).mean())}
     train = read_manifest(embedded, verify="none")["parents"].get("train")
     if train:  # a learned embedding: its classifier's accuracy on the test split
-        quality["classifier_test_accuracy"] = read_manifest(embedded.parents[2] / train, verify="none")["metrics"][
-            "test_accuracy"]
+        train_ref = ref_from_key(embedded.parents[2] if root is None else root, train)
+        quality["classifier_test_accuracy"] = read_manifest(train_ref, verify="none")["metrics"]["test_accuracy"]
     return quality
 
 
 def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests: dict[int, Path], out: Path,
-                   report: Report = _quiet) -> dict:
+                   report: Report = _quiet, root: str | os.PathLike | None = None) -> dict:
     """Recall@k and QPS over the search_k sweep for every forest, plus exact search as a point,
     and the embedding's own quality where the dataset has a measure of it.
 
@@ -383,7 +395,7 @@ def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests:
 
     for n_trees, path in sorted(forests.items()):
         forest = Forest.load(path / "index", metric=cfg["embed"]["metric"], dim=queries.shape[1])
-        built = json.loads((path / "manifest.json").read_text())["metrics"]
+        built = read_manifest(path, verify="none")["metrics"]
         report(0.9 * done / (n_cells + 1), f"n_trees={n_trees}: sweeping search_k {list(ev['search_k'])}, "
                                           f"{REPEATS} x {n_timed:,} timed queries each")
         for row in sweep_forest(forest, queries, true_dists, k, ev["search_k"], n_timed,
@@ -396,7 +408,7 @@ def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests:
                  "build_seconds": 0.0, "index_bytes": int(base.nbytes)})
     rows = finite_or_none([{"method": "exact" if r["n_trees"] == 0 else "forest", **r} for r in rows])
     pq.write_table(pa.Table.from_pylist(rows), out / "results.parquet")  # every column, for analysis
-    quality = embedding_quality(cfg, embedded, split, exact)
+    quality = embedding_quality(cfg, embedded, split, exact, root)
     # Reproducible (the same bytes on every machine) apart from measured (QPS, seconds): see read_results.
     summary = finite_or_none({"k": k, "n_queries": int(len(queries)), "metric": cfg["embed"]["metric"],
                               "rows": [{key: r[key] for key in RESULT_KEYS} for r in rows], "quality": quality})
@@ -419,23 +431,23 @@ def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests:
 
 
 
-def _item_images(root: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray, list] | None:
+def _item_images(root: str | os.PathLike, manifest: dict) -> tuple[np.ndarray, np.ndarray, list] | None:
     """(query images, base images, image shape) from the decode stage, when the embedded vectors are not
     images themselves (a CNN bottleneck) but the items are."""
-    embed_manifest = read_manifest(root / manifest["parents"]["embed"], verify="none")
+    embed_manifest = read_manifest(ref_from_key(root, manifest["parents"]["embed"]), verify="none")
     if embed_manifest["params"].get("model") != "cnn":
         return None  # pixels are their own pictures; words have none: the items need not be read
-    items = read_vectors(root / embed_manifest["parents"]["decode"] / "items.arrow")
+    items = read_vectors(version_dir(root, embed_manifest["parents"]["decode"]) / "items.arrow")
     if "image_shape" not in items.meta:
         return None
     row = {key: i for i, key in enumerate(items.keys)}
-    split_dir = root / manifest["parents"]["split"]
+    split_dir = version_dir(root, manifest["parents"]["split"])
     picks = [np.array([row[k] for k in read_vectors(split_dir / f"{name}.arrow").keys], dtype=np.int64)
              for name in ("queries", "base")]
     return items.vectors[picks[0]], items.vectors[picks[1]], json.loads(items.meta["image_shape"])
 
 
-def write_report(root: Path, evaluate_dir: Path, manifest: dict, report: Report = _quiet) -> list[str]:
+def write_report(root: str | os.PathLike, evaluate_dir: Path, manifest: dict, report: Report = _quiet) -> list[str]:
     """``report.html`` (and ``report.json``) inside an evaluation being published; ``manifest`` stands
     in for the manifest that is not written yet (dataset, stage, version, params, parents)."""
     from .report import build_evaluation_report

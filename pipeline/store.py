@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 SCHEMES = ("s3",)  # remote roots grove accepts; pyarrow.fs would also take gs://, hdfs://, abfs:// (untested)
 _KEY_PART = re.compile(r"[^/\\\x00]+")
 # Names the store protocol gives inside a version and the root (see pipeline.layout for the rest).
-ATTEMPTS = ".attempts"  # <version>/.attempts/<attempt-id>/<file>: one publishing attempt (object stores)
-PROBE_PREFIX = ".grove-probe-"  # <root>/.grove-probe-<token>: check(write=True) writes and deletes it
+ATTEMPTS = layout.ATTEMPTS  # names inside the root belong to pipeline/layout.py
+PROBE_PREFIX = layout.PROBE_PREFIX
 
 
 class Store(abc.ABC):

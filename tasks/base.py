@@ -13,7 +13,6 @@ import luigi
 
 from pipeline import artifacts, stages
 from pipeline.config import apply_pins, load_config
-from pipeline.errors import ConfigError
 
 from . import settings
 
@@ -55,12 +54,14 @@ class grove(luigi.Config):
     verbose = luigi.BoolParameter(default=False, significant=False,
                                   description="print Luigi's chatter and tracebacks on the terminal (GROVE_VERBOSE)")
 
-    def artifact_root(self) -> Path:
+    def artifact_root(self) -> Path | str:
         """GROVE_ARTIFACTS (relative to the working directory), else ``artifacts`` of luigi.cfg (relative
-        to that file's directory), else ``artifacts`` beside luigi.cfg. A URL is refused for now."""
+        to that file's directory), else ``artifacts`` beside luigi.cfg. An object store is its URI
+        (``s3://bucket/prefix``); a scheme grove does not support is a ConfigError (exit 2)."""
         env = os.environ.get("GROVE_ARTIFACTS")
         value = env or self.artifacts or "artifacts"
-        check_local_root(value)
+        if "://" in value:
+            return artifacts.store_of(value).uri  # checks the scheme and the bucket name; connects later
         path = Path(value).expanduser()
         if path.is_absolute() or env:
             return path
@@ -84,14 +85,6 @@ class grove(luigi.Config):
         return n if n > 0 else (os.cpu_count() or 1)
 
 
-def check_local_root(value: str) -> None:
-    """Refuse an artifact root that is a URL (``s3://...``): only local directories are supported."""
-    if "://" in value:
-        scheme = value.split("://", 1)[0]
-        raise ConfigError(f"artifact root {value!r}: {scheme}:// roots are not supported; the artifact root must be "
-                          "a local directory (GROVE_ARTIFACTS or luigi.cfg [grove] artifacts)")
-
-
 class ArtifactTarget(luigi.Target):
     """A published artifact version: it exists once its manifest is in place."""
 
@@ -100,10 +93,25 @@ class ArtifactTarget(luigi.Target):
 
     @property
     def path(self) -> Path:
+        """The version's directory (local roots only: see ``artifacts.local_dir``)."""
         return self.ref.path
 
     def exists(self) -> bool:
         return self.ref.exists()
+
+
+class StoreTarget(luigi.Target):
+    """One object under the artifact root (a dated record, a snapshot record): it exists once written."""
+
+    def __init__(self, root, key: str):
+        self.root, self.key = root, key
+
+    @property
+    def path(self) -> str:
+        return artifacts.location(self.root, self.key)
+
+    def exists(self) -> bool:
+        return artifacts.store_of(self.root).exists(self.key)
 
 
 class GroveTask(luigi.Task):
@@ -146,7 +154,9 @@ class GroveTask(luigi.Task):
         return {name: task.output().ref for name, task in self.parent_tasks().items()}
 
     def parent_path(self, name: str) -> Path:
-        return self.parent_refs()[name].path
+        """A local directory with the files of parent ``name``: its own directory on a local root, a
+        verified copy in this machine's cache for an object store (``artifacts.local_dir``)."""
+        return artifacts.local_dir(self.parent_refs()[name])
 
     def output(self) -> ArtifactTarget:
         memo = _fixed_outputs.get()
@@ -199,8 +209,9 @@ class GroveTask(luigi.Task):
     def run(self) -> None:
         for name, ref in self.parent_refs().items():
             # A half-written or damaged parent is an error, not an input: every file is checked
-            # against its manifest's sha256 (a flipped byte in embeddings or an index is caught here).
-            artifacts.read_manifest(ref.path, verify="sha256")
+            # against its manifest's sha256 (a flipped byte in embeddings or an index is caught here;
+            # on an object store, the copies fetched into this machine's cache are).
+            artifacts.read_manifest(ref, verify="sha256")
         # Already published (this ran only because a version it was built from was gone and has been
         # built again): publish keeps it, as the same digest names the same bytes. `grove run --rebuild`
         # and the nightly repair remove such dependents first when their parent was damaged.

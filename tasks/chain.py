@@ -8,11 +8,12 @@ from pathlib import Path
 import luigi
 from luigi.task import flatten
 
-from pipeline import learned, snapshot, stages
+from pipeline import artifacts, layout, learned, snapshot, stages
+from pipeline.artifacts import ArtifactRef
 from pipeline.config import load_config, mutable_sources
-from pipeline.errors import ConfigError
+from pipeline.errors import ArtifactError, ConfigError
 
-from .base import ArtifactTarget, GroveTask, fixed_outputs, grove
+from .base import ArtifactTarget, GroveTask, StoreTarget, fixed_outputs, grove
 
 
 class Snapshot(GroveTask):
@@ -27,15 +28,15 @@ class Snapshot(GroveTask):
     resources = {"downloads": 1}
 
     def output(self):
-        return luigi.LocalTarget(str(snapshot.snapshot_path(grove().artifact_root(), self.dataset, self.date)))
+        return StoreTarget(grove().artifact_root(), layout.snapshot_key(self.dataset, self.date))
 
     def recorded_pins(self) -> dict[str, str] | None:
         """The pins of this date's record for the config's mutable sources; None if there is no record
         or it does not cover them all (taken before a source was marked mutable: take it again)."""
-        path = Path(self.output().path)
-        if not path.is_file():
+        record = snapshot.load_snapshot(grove().artifact_root(), self.dataset, self.date)
+        if record is None:
             return None
-        pins = snapshot.read_snapshot(path)["pins"]
+        pins = record["pins"]
         names = mutable_sources(self.cfg)
         return {name: pins[name] for name in names} if set(names) <= set(pins) else None
 
@@ -75,8 +76,8 @@ class Fetch(GroveTask):
     resources = {"downloads": 1}  # luigi.cfg [resources] caps concurrent downloads across workers
 
     def write(self, tmp: Path):
-        cache = grove().artifact_root() / self.dataset / ".downloads"
-        return stages.write_fetch(self.cfg, tmp, cache, grove().mirror_prefix(), self.report)
+        return stages.write_fetch(self.cfg, tmp, layout.download_cache(self.dataset), grove().mirror_prefix(),
+                                  self.report, root=grove().artifact_root())
 
 
 class Decode(GroveTask):
@@ -114,7 +115,9 @@ class Train(GroveTask):
         """The decoded images' (h, w[, c]), which resolve the small CNN's defaults; None while they are
         not decoded (the digest is then provisional, see pipeline.stages) or not needed."""
         decode = self.clone(Decode).output().ref
-        return learned.image_shape(decode.path) if not learned.pretrained(self.cfg) and decode.exists() else None
+        if learned.pretrained(self.cfg) or not decode.exists():
+            return None
+        return learned.image_shape(artifacts.local_dir(decode))
 
     def parent_tasks(self):
         parents = {"decode": self.clone(Decode)}
@@ -123,7 +126,7 @@ class Train(GroveTask):
         return parents
 
     def write(self, tmp: Path):
-        checkpoints = grove().artifact_root() / self.dataset / ".checkpoints" / self.output().ref.version
+        checkpoints = layout.checkpoints_dir(self.dataset, self.output().ref.version)
         features = self.parent_path("features") if "features" in self.parent_refs() else None
         return learned.write_train(self.cfg, self.parent_path("decode"), features, tmp, checkpoints, self.report)
 
@@ -141,9 +144,9 @@ class Embed(GroveTask):
 
     def write(self, tmp: Path):
         refs = self.parent_refs()
-        return stages.write_embed(self.cfg, refs["decode"].path, tmp, self.report,
-                                  trained=refs["train"].path if "train" in refs else None,
-                                  features=refs["features"].path if "features" in refs else None,
+        return stages.write_embed(self.cfg, self.parent_path("decode"), tmp, self.report,
+                                  trained=self.parent_path("train") if "train" in refs else None,
+                                  features=self.parent_path("features") if "features" in refs else None,
                                   threads=self.cfg["train"]["threads"])  # significant: torch's results depend on it
 
 
@@ -158,7 +161,7 @@ class Split(GroveTask):
         they are not embedded (the digest is then provisional, see pipeline.stages)."""
         embed = self.clone(Embed).output().ref
         column = self.cfg["split"]["method"] == "column"
-        return stages.count_test_rows(embed.path) if column and embed.exists() else None
+        return stages.count_test_rows(artifacts.local_dir(embed)) if column and embed.exists() else None
 
     def parent_tasks(self):
         return {"embed": self.clone(Embed)}
@@ -187,10 +190,8 @@ class Forest(GroveTask):
     def vector_dim(self) -> int | None:
         """The width of the vectors the index is built over (the embed stage's manifest records it),
         None while they are not built: the digest is then provisional (see stages.stage_params)."""
-        from pipeline.artifacts import read_manifest
-
         embed = self.clone(Embed).output().ref
-        return read_manifest(embed.path, verify="none").get("dim") if embed.exists() else None
+        return artifacts.read_manifest(embed, verify="none").get("dim") if embed.exists() else None
 
     def parent_tasks(self):
         return {"split": self.clone(Split)}
@@ -209,12 +210,9 @@ class Evaluate(GroveTask):
     def query_count(self) -> int | None:
         """The split's query count (its manifest records it); None while it is not built (the digest
         is then provisional, see pipeline.stages)."""
-        from pipeline.artifacts import read_manifest
-        from pipeline.errors import ArtifactError
-
         split = self.clone(Split).output().ref
         try:
-            return read_manifest(split.path, verify="none")["rows"]["queries"] if split.exists() else None
+            return artifacts.read_manifest(split, verify="none")["rows"]["queries"] if split.exists() else None
         except (ArtifactError, KeyError):
             return None  # a damaged manifest: this stage's run reports it when it verifies its parents
 
@@ -225,14 +223,14 @@ class Evaluate(GroveTask):
     def write(self, tmp: Path):
         forests = {task.n_trees: self.parent_path(name) for name, task in self.parent_tasks().items()
                    if isinstance(task, Forest)}
+        root = grove().artifact_root()
         out = stages.write_evaluate(self.cfg, self.parent_path("embed"), self.parent_path("split"),
-                                    self.parent_path("exact"), forests, tmp, self.report)
+                                    self.parent_path("exact"), forests, tmp, self.report, root=root)
         ref = self.output().ref
         stub = {"dataset": self.dataset, "stage": self.stage, "version": ref.version, "params": self.stage_params(),
                 "parents": {name: parent.key for name, parent in self.parent_refs().items()},
                 "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        out["measured"] = [*out.get("measured", []), *stages.write_report(grove().artifact_root(), tmp, stub,
-                                                                           self.report)]
+        out["measured"] = [*out.get("measured", []), *stages.write_report(root, tmp, stub, self.report)]
         return out
 
 
@@ -261,17 +259,16 @@ class Chain(luigi.Task):
         yield self.evaluate()
 
 
-def chain_graph(tasks: list[luigi.Task]) -> dict[Path, list[Path]]:
-    """Every version directory that the stages below ``tasks`` read or write, mapped to the
-    directories of its parents: the DAG ``lifecycle.repair`` works on (it holds where a directory is
-    gone, as the tasks know their parents). Below a Chain: the evaluation of the date's snapshot, else
+def chain_graph(tasks: list[luigi.Task]) -> dict[ArtifactRef, list[ArtifactRef]]:
+    """Every version that the stages below ``tasks`` read or write, mapped to its parents: the DAG
+    ``lifecycle.repair`` works on (it holds where a version is gone, as the tasks know their parents). Below a Chain: the evaluation of the date's snapshot, else
     of the newest one; a dataset whose mutable sources were never snapshotted has nothing built yet."""
     with fixed_outputs():
         return _chain_graph(tasks)
 
 
-def _chain_graph(tasks: list[luigi.Task]) -> dict[Path, list[Path]]:
-    graph: dict[Path, list[Path]] = {}
+def _chain_graph(tasks: list[luigi.Task]) -> dict[ArtifactRef, list[ArtifactRef]]:
+    graph: dict[ArtifactRef, list[ArtifactRef]] = {}
     seen: set[str] = set()
     stack = list(tasks)
     while stack:
@@ -281,7 +278,7 @@ def _chain_graph(tasks: list[luigi.Task]) -> dict[Path, list[Path]]:
         seen.add(task.task_id)
         if isinstance(task, GroveTask) and isinstance(task.output(), ArtifactTarget):
             parents = list(task.parent_tasks().values())
-            graph[task.output().path] = [parent.output().path for parent in parents]
+            graph[task.output().ref] = [parent.output().ref for parent in parents]
             stack.extend(parents)
             continue
         stack.extend(flatten(task.requires()))

@@ -1,9 +1,14 @@
 """The ``grove`` command line.
 
-Exit codes: 0 success; 1 a task failed; 2 bad usage or a bad config (nothing was run);
-3 a damaged or missing artifact; 4 the scheduler could not schedule the tasks; 5 tasks were not run
-(for example another process holds them); 6 an external dependency is missing; 7 ``grove rebuild``:
-an index failed its quality gate (the previous version keeps serving).
+Exit codes: 0 success; 1 a task failed; 2 bad usage or a bad config (nothing was run; also an
+artifact root whose scheme grove does not support, e.g. ``ftp://``); 3 a damaged or missing artifact;
+4 the scheduler could not schedule the tasks; 5 tasks were not run (for example another process holds
+them); 6 an external dependency is missing; 7 ``grove rebuild``: an index failed its quality gate (the
+previous version keeps serving); 8 the artifact root cannot be used (a ``StoreError``: an object store
+whose endpoint does not answer, that refuses the credentials, has no such bucket or no write
+permission, or a connection lost in the middle of a transfer): nothing half-published, run again once
+it answers. ``grove run`` and ``grove rebuild`` probe an object-store root (list, write and delete one
+small object) before any task runs; a store that fails in the middle of a task fails that task (1).
 """
 
 from __future__ import annotations
@@ -13,14 +18,15 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline import artifacts
+from pipeline import artifacts, layout
 from pipeline.config import available_datasets, load_config
-from pipeline.errors import ArtifactError, ConfigError, GroveError
+from pipeline.errors import ArtifactError, ConfigError, GroveError, StoreError
 
 from . import logs
 from . import settings as grove_settings
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ARTIFACT, EXIT_SCHEDULING, EXIT_NOT_RUN, EXIT_MISSING, EXIT_GATE = range(8)
+(EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ARTIFACT, EXIT_SCHEDULING, EXIT_NOT_RUN, EXIT_MISSING, EXIT_GATE,
+ EXIT_STORE) = range(9)
 _LAST_RUN: dict = {"completed": set()}
 STAGES = ("fetch", "decode", "embed", "split", "exact", "forest", "evaluate")
 
@@ -29,13 +35,6 @@ def _settings():
     from .base import grove
 
     return grove()
-
-
-def _chain_outputs(tasks: list) -> list[Path]:
-    """The version directories every task below ``tasks`` reads or writes."""
-    from .chain import chain_graph
-
-    return list(chain_graph(tasks))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -48,6 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings()
     for dataset in args.datasets:  # every config is checked before any work starts
         _check_sources(load_config(dataset, settings.config_dir()), settings)
+    _check_root(settings.artifact_root())
     chains = [Chain(dataset=d) for d in args.datasets]
     removed, outside = [], []
     if args.rebuild:
@@ -70,16 +70,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         dataset, evaluate = chain.dataset, chain.evaluate()
         target = evaluate.output() if evaluate is not None else None
         if target is not None and target.exists():
-            summary = read_results(target.path)
+            summary = read_results(artifacts.local_dir(target.ref))
             print(f"\n{dataset}: {target.ref.key}\n{format_results(summary['rows'], summary['k'])}")
     if args.rebuild:
         for r in removed:
-            print(f"{'rebuilt' if (r.path / artifacts.MANIFEST).is_file() else 'NOT rebuilt'} {r.key}",
-                  file=sys.stderr)
-        for path, problem in outside:
-            print(f"grove: the serving version uses {lifecycle.version_key(path)}, which the current config does "
+            print(f"{'rebuilt' if r.ref.exists() else 'NOT rebuilt'} {r.key}", file=sys.stderr)
+        for ref, problem in outside:
+            print(f"grove: the serving version uses {ref.key}, which the current config does "
                   f"not build, so --rebuild cannot repair it: {problem}\n  serve a whole version instead: "
-                  f"`grove rollback {path.parent.parent.name}` or `grove promote {path.parent.parent.name} VERSION`",
+                  f"`grove rollback {ref.dataset}` or `grove promote {ref.dataset} VERSION`",
                   file=sys.stderr)
         if code == EXIT_OK and outside:
             return EXIT_ARTIFACT
@@ -152,25 +151,35 @@ def _build(tasks: list, args: argparse.Namespace) -> int:
 
 def _query_paths(dataset: str) -> tuple[Path, Path, str]:
     """(split dir, forest dir, where they come from): the serving version, else the current config's;
-    each checked with ``artifacts.verify_once`` (ArtifactError, exit 3, when missing or damaged)."""
+    each checked with ``artifacts.verify_once`` (ArtifactError, exit 3, when missing or damaged). Local
+    directories on every root: on an object store, verified copies in this machine's cache (the first
+    query downloads them, later ones find them there)."""
     from pipeline import lifecycle
 
     from .chain import Forest as ForestTask, current_evaluate
 
     root = _settings().artifact_root()
     if lifecycle.serving_version(root, dataset):
-        paths = lifecycle.verified_serving_paths(root, dataset)
-        return paths["split"], paths["forest"], f"serving {paths['evaluate'].name}"
-    parents = current_evaluate(dataset).parent_tasks()
-    forest_task = max((t for t in parents.values() if isinstance(t, ForestTask)), key=lambda t: t.n_trees)
-    split_dir, forest_dir = parents["split"].output().ref.path, forest_task.output().ref.path
-    for path in (split_dir, forest_dir):
-        if not (path / artifacts.MANIFEST).is_file():
-            raise ArtifactError(f"{dataset}: nothing serves and {lifecycle.version_key(path)} is not built under the "
-                                f"artifact root {root.absolute()}. Run the stage again: `grove run {dataset}` "
-                                "(or point GROVE_ARTIFACTS at the root that holds it)")
-        artifacts.verify_once(path)
-    return split_dir, forest_dir, "current config (nothing serving)"
+        refs = lifecycle.verified_serving_refs(root, dataset)
+        origin = f"serving {refs['evaluate'].version}"
+    else:
+        parents = current_evaluate(dataset).parent_tasks()
+        forest_task = max((t for t in parents.values() if isinstance(t, ForestTask)), key=lambda t: t.n_trees)
+        refs = {"split": parents["split"].output().ref, "forest": forest_task.output().ref}
+        for ref in refs.values():
+            if not ref.exists():
+                raise ArtifactError(f"{dataset}: nothing serves and {ref.key} is not built under the artifact root "
+                                    f"{_root_text(root)}. Run the stage again: `grove run {dataset}` (or point "
+                                    "GROVE_ARTIFACTS at the root that holds it)")
+            artifacts.verify_once(ref)
+        origin = "current config (nothing serving)"
+    return artifacts.local_dir(refs["split"]), artifacts.local_dir(refs["forest"]), origin
+
+
+def _root_text(root) -> str:
+    """The artifact root for messages: an absolute directory, or the object store's URI."""
+    store = artifacts.store_of(root)
+    return str(Path(root).absolute()) if store.is_local else store.uri
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -218,6 +227,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     for dataset in settings.rebuild_list():
         cfg = load_config(dataset, settings.config_dir())
         _check_sources(cfg, settings)
+    _check_root(root)
     if args.log:
         Path(args.log).parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(args.log)
@@ -229,11 +239,11 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     rejected = []
     for dataset in settings.rebuild_list():
         print(_rebuild_summary(root, dataset, date.isoformat()))
-        if (root / dataset / "records" / f"{date.isoformat()}.rejected.json").is_file():
+        if artifacts.store_of(root).exists(layout.record_key(dataset, date, rejected=True)):
             rejected.append(dataset)
     if code == EXIT_FAILED and rejected:
-        print(f"quality gate rejected: {', '.join(rejected)} (see records/{date.isoformat()}.rejected.json)",
-              file=sys.stderr)
+        where = ", ".join(artifacts.location(root, layout.record_key(d, date, rejected=True)) for d in rejected)
+        print(f"quality gate rejected: {', '.join(rejected)} (see {where})", file=sys.stderr)
         return EXIT_GATE
     return code
 
@@ -245,10 +255,11 @@ def _rebuild_summary(root: Path, dataset: str, date: str) -> str:
     ran = sorted({repr(t).split("(")[0] for t in _LAST_RUN["completed"] if getattr(t, "dataset", None) == dataset})
     lines = [f"{dataset}: " + (f"ran {', '.join(ran)}" if ran else "nothing new to run")]
     record = None
-    for suffix in (".json", ".rejected.json"):
-        path = root / dataset / "records" / f"{date}{suffix}"
-        if path.is_file():
-            record = json.loads(path.read_text(encoding="utf-8"))
+    store = artifacts.store_of(root)
+    for rejected in (False, True):
+        key = layout.record_key(dataset, date, rejected=rejected)
+        if store.exists(key):
+            record = store.read_json(key)
     if record is None:
         lines.append("  gate: not judged (the chain did not complete; see the failures above)")
     else:
@@ -289,20 +300,33 @@ def cmd_gc(args: argparse.Namespace) -> int:
     root = _settings().artifact_root()
     doomed = lifecycle.gc(root, args.keep, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
-    for path in doomed:
-        print(f"{verb} {path.relative_to(root)}")
-    cached = sum(1 for path in doomed if ".downloads" in path.parts)
-    print(f"{verb} {len(doomed) - cached} version(s)" + (f" and {cached} cached download(s)" if cached else ""))
+    for key in doomed:
+        print(f"{verb} {key}")
+    cached = sum(1 for key in doomed if layout.BY_SHA256 in key.split("/"))
+    attempts = sum(1 for key in doomed if layout.is_attempt_key(key))
+    versions = len(doomed) - cached - attempts
+    print(f"{verb} {versions} version(s)" + (f" and {cached} cached download(s)" if cached else "")
+          + (f" and {attempts} abandoned upload(s)" if attempts else ""))
     return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    import tempfile
+
     from pipeline.report import write_index_page
 
     root = _settings().artifact_root()
-    out = Path(args.out) if args.out else root / "index.html"
-    write_index_page(root, out)
-    print(f"wrote {out}")
+    store = artifacts.store_of(root)
+    if args.out or store.is_local:
+        out = Path(args.out) if args.out else root / layout.INDEX_PAGE
+        write_index_page(root, out)
+        print(f"wrote {out}")
+        return EXIT_OK
+    # An object store: the page is written here, then stored beside the datasets it links to.
+    with tempfile.TemporaryDirectory(prefix="grove-report-") as tmp:
+        page = write_index_page(root, Path(tmp) / layout.INDEX_PAGE, links_base=store.uri)
+        store.upload(page, layout.index_page_key())
+    print(f"wrote {artifacts.location(root, layout.index_page_key())}")
     return EXIT_OK
 
 
@@ -312,6 +336,15 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         cfg = load_config(name, settings.config_dir())
         print(f"{name:<16} {cfg['dataset']['kind']:<10} {cfg['dataset']['description']}")
     return EXIT_OK
+
+
+def _check_root(root) -> None:
+    """An object-store root answers, takes the credentials and can be written (StoreError, exit 8,
+    before any task runs). A local root is left to the tasks, as always (a full or read-only disk
+    fails the task that writes: exit 1, one line)."""
+    store = artifacts.store_of(root)
+    if not store.is_local:
+        store.check(write=True)
 
 
 def _check_sources(cfg: dict, settings) -> None:
@@ -367,16 +400,41 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    root = _settings().artifact_root()
+    store = artifacts.store_of(root)
     path = Path(args.version)
-    if not path.is_dir():
-        root = _settings().artifact_root()
-        path = root / args.version
-        if not path.is_dir():
-            raise ArtifactError(f"no version {args.version!r} under the artifact root {root} ({grove_settings.describe()}); "
-                                "`grove versions DATASET` lists them")
-    manifest = artifacts.read_manifest(path, verify="sha256" if args.verify else "size")
+    if "://" not in args.version and path.is_dir():
+        version = path  # a local version directory (or a stage's latest)
+    elif store.is_local:
+        version = root / args.version
+        if not version.is_dir():
+            raise ArtifactError(f"no version {args.version!r} under the artifact root {root} "
+                                f"({grove_settings.describe()}); `grove versions DATASET` lists them")
+    else:
+        version = _remote_version(root, store, args.version)
+    manifest = artifacts.read_manifest(version, verify="sha256" if args.verify else "size")
     print(json.dumps(manifest, indent=2, sort_keys=True))
     return EXIT_OK
+
+
+def _remote_version(root, store, text: str):
+    """The version ``text`` names on an object-store root: ``dataset/stage/version`` (or ``.../latest``),
+    or its whole URI."""
+    key = text.strip("/")
+    base = store.uri.rstrip("/") + "/"
+    if key.startswith(base):
+        key = key[len(base):]
+    parts = key.split("/")
+    if len(parts) == 3 and parts[2] == layout.LATEST:
+        parts[2] = store.get_pointer(layout.stage_key(parts[0], parts[1]), layout.LATEST) or layout.LATEST
+    try:
+        ref = artifacts.ref_from_key(root, "/".join(parts))
+    except ArtifactError:
+        ref = None
+    if ref is None or not ref.exists():
+        raise ArtifactError(f"no version {text!r} under the artifact root {store.uri} "
+                            f"({grove_settings.describe()}); `grove versions DATASET` lists them")
+    return ref
 
 
 def _date(text: str):
@@ -494,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
         except SchedulerUnreachable as exc:
             print(f"grove: {exc}", file=sys.stderr)
             return EXIT_SCHEDULING
+        except StoreError as exc:
+            print(f"grove: artifact root error: {exc}", file=sys.stderr)
+            return EXIT_STORE
         except GroveError as exc:
             print(f"grove: {exc}", file=sys.stderr)
             return EXIT_FAILED

@@ -6,11 +6,11 @@ import logging
 
 import luigi
 
-from pipeline import artifacts, lifecycle, snapshot
+from pipeline import artifacts, layout, lifecycle, snapshot
 from pipeline.errors import GroveError
 from pipeline.evaluate import read_results
 
-from .base import GroveTask, grove
+from .base import GroveTask, StoreTarget, grove
 from .chain import Snapshot, chain_graph, dated_evaluate, dated_requires
 
 log = logging.getLogger("luigi-interface")
@@ -33,11 +33,11 @@ class DatedRecord(GroveTask):
         needed = dated_requires(self.dataset, self.date)
         return needed if isinstance(needed, Snapshot) else []
 
-    def record_path(self, suffix: str = ".json"):
-        return grove().artifact_root() / self.dataset / "records" / f"{self.date.isoformat()}{suffix}"
+    def record_key(self, rejected: bool = False) -> str:
+        return layout.record_key(self.dataset, self.date, rejected=rejected)
 
     def output(self):
-        return luigi.LocalTarget(str(self.record_path()))
+        return StoreTarget(grove().artifact_root(), self.record_key())
 
     def run(self):
         task = dated_evaluate(self.dataset, self.date)  # for mutable sources, known once the snapshot is taken
@@ -51,17 +51,17 @@ class DatedRecord(GroveTask):
         yield task
         repaired = lifecycle.close_ledger(ledger)
         evaluate = task.output().ref
-        results = read_results(evaluate.path)
+        results = read_results(artifacts.local_dir(evaluate))
         record = lifecycle.judge(root, self.dataset, evaluate, results, self.cfg["gate"], str(self.date))
         record["repaired"] = repaired
         if task.pins:
-            record["snapshot"] = snapshot.read_snapshot(
-                snapshot.snapshot_path(root, self.dataset, self.date))["sources"]
+            record["snapshot"] = snapshot.load_snapshot(root, self.dataset, self.date)["sources"]
+        store = artifacts.store_of(root)
         if not record["promoted"]:
-            artifacts.write_json_atomic(self.record_path(".rejected.json"), record)
+            store.write_json(self.record_key(rejected=True), record)
             raise QualityGateError(f"{self.dataset}: {evaluate.key} failed the quality gate: "
                                    f"{'; '.join(record['reasons'])}; still serving {record['serving']}")
-        artifacts.write_json_atomic(self.record_path(), record)
+        store.write_json(self.record_key(), record)
 
 
 class Rebuild(luigi.WrapperTask):

@@ -116,12 +116,36 @@ def test_show_into_a_closed_pipe_is_quiet(tiny_mnist):
     assert "BrokenPipeError" not in err and "Traceback" not in err
 
 
-def test_object_store_root_is_refused(tiny_mnist, monkeypatch, capsys, tmp_path):
-    monkeypatch.setenv("GROVE_ARTIFACTS", "s3://bucket/grove")
+def test_unsupported_or_unreachable_object_store_root(tiny_mnist, monkeypatch, capsys, tmp_path):
+    """A scheme grove does not take is a config error (2); an s3:// root whose endpoint does not
+    answer is an artifact-root error (8) naming the root and the cause, before any task runs; neither
+    leaves a local folder named after the URL."""
+    import socket
+    import time
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GROVE_ARTIFACTS", "ftp://host/grove")
     assert grove(["run", "tinymnist"]) == 2
-    assert "s3:// roots are not supported" in capsys.readouterr().err
-    assert not (tmp_path / "s3:").exists()
+    err = capsys.readouterr().err
+    assert "ftp:// is not supported" in err and "s3://bucket/prefix" in err
+
+    with socket.socket() as sock:  # a loopback port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name, value in (("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}"), ("AWS_ACCESS_KEY_ID", "key"),
+                        ("AWS_SECRET_ACCESS_KEY", "secret"), ("AWS_REGION", "us-east-1"),
+                        ("AWS_EC2_METADATA_DISABLED", "true")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("GROVE_ARTIFACTS", "s3://bucket/grove")
+    started = time.monotonic()
+    assert grove(["run", "tinymnist"]) == 8
+    out, err = capsys.readouterr()
+    assert time.monotonic() - started < 60
+    assert "grove: artifact root error:" in err and "s3://bucket/grove" in err and f"127.0.0.1:{port}" in err
+    assert "Luigi Execution Summary" not in out  # nothing was scheduled
+    assert grove(["versions", "tinymnist"]) == 8
+    assert "s3://bucket/grove" in capsys.readouterr().err
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "ftp:").exists()
 
 
 def test_settings_found_from_any_directory(tiny_mnist, monkeypatch, tmp_path):

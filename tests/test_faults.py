@@ -4,6 +4,7 @@ source, starts it over) and completes. A repair killed halfway: the damage is st
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 
 from conftest import REPO, make_mutable, write_tiny_config
 from httpserver import LoopbackServer
-from pipeline import artifacts
+from pipeline import artifacts, layout
 from tasks.cli import main as grove
 
 
@@ -52,7 +53,7 @@ def _kill_at_4000_bytes(args: list[str], server: LoopbackServer, part: Path) -> 
 @pytest.mark.slow
 def test_sigkill_during_download_then_rerun_resumes(tiny_mnist, monkeypatch):
     files = tiny_mnist["files"]
-    part = tiny_mnist["root"] / "tinymnist" / ".downloads" / f"{files['train_images'].name}.part"
+    part = layout.download_cache("tinymnist") / f"{files['train_images'].name}.part"  # this machine's scratch
     with _served_tiny_mnist(tiny_mnist, monkeypatch) as (server, big):
         _kill_at_4000_bytes(["run", "tinymnist"], server, part)
         assert artifacts.list_versions(tiny_mnist["root"], "tinymnist", "fetch") == []
@@ -69,12 +70,12 @@ def test_sigkill_during_download_then_rerun_resumes(tiny_mnist, monkeypatch):
 def test_sigkill_during_snapshot_of_a_mutable_source_then_rerun_starts_over(tiny_mnist, monkeypatch):
     files, root = tiny_mnist["files"], tiny_mnist["root"] / "tinymnist"
     monkeypatch.setenv("GROVE_REBUILD_DATASETS", "tinymnist")
-    scratch = root / ".downloads" / ".snapshot" / "2026-11-01"
+    scratch = layout.snapshot_scratch("tinymnist", dt.date(2026, 11, 1))
     with _served_tiny_mnist(tiny_mnist, monkeypatch) as (server, big):
         make_mutable(tiny_mnist["config"])
         _kill_at_4000_bytes(["rebuild", "--date", "2026-11-01"], server, scratch / f"{files['train_images'].name}.part")
         assert not (root / "snapshots" / "2026-11-01.json").exists()  # no record of a half download
-        assert not (root / ".downloads" / "by-sha256").exists()
+        assert not (tiny_mnist["root"] / layout.snapshot_bytes_prefix("tinymnist")).exists()
         assert grove(["rebuild", "--date", "2026-11-01"]) == 0
         assert "Range" not in server.requests_for(big)[1].headers  # started over: nothing to check a join by
     assert not scratch.exists()
@@ -109,7 +110,7 @@ def test_a_repair_cut_short_leaves_the_damage_found_and_refused(tiny_mnist, monk
         lifecycle.repair(chain_graph([Chain(dataset="tinymnist")]), force=True)
     monkeypatch.setattr(lifecycle, "remove_version", remove_version)
     luigi.task_register.Register.clear_instance_cache()
-    assert [p.parent.name for p in removed] == ["evaluate", "forest"] and split.is_dir()
+    assert [artifacts.as_ref(p).stage for p in removed] == ["evaluate", "forest"] and split.is_dir()
 
     capsys.readouterr()
     assert grove(["run", "tinymnist"]) == 1  # the missing forest is built from the split: refused

@@ -12,7 +12,7 @@ import shutil
 import luigi
 import pytest
 
-from pipeline import artifacts, download, lifecycle, snapshot
+from pipeline import artifacts, download, layout, lifecycle, snapshot
 from pipeline.config import apply_pins, load_config, load_config_file
 from pipeline.errors import ArtifactError, ChecksumError, ConfigError
 from pipeline.formats.idx import write_idx
@@ -111,7 +111,7 @@ def test_failed_snapshot_writes_nothing_and_keeps_serving(served, capsys):
     assert "Snapshot" in capsys.readouterr().out.split("failed:")[1]
     assert not (root / "tinymnist" / "snapshots" / "2026-11-02.json").exists()
     assert not (root / "tinymnist" / "records" / "2026-11-02.json").exists()
-    assert not list((root / "tinymnist" / ".downloads" / ".snapshot").glob("*/*"))  # no partial file left
+    assert not list(layout.snapshot_scratch("tinymnist").glob("*/*"))  # no partial file left
     assert lifecycle.serving_version(root, "tinymnist") == serving
     del server.status[IMAGES]
     assert grove(["rebuild", "--date", "2026-11-02"]) == 0  # the rerun takes the snapshot
@@ -128,21 +128,22 @@ def test_grove_run_query_and_gc_with_a_mutable_source(served, tmp_path, capsys):
     assert "current config" in capsys.readouterr().out
 
     # Two more dates with new bytes each; gc --keep 1 drops the cached bytes older snapshots pinned.
+    killed = layout.snapshot_scratch("tinymnist", dt.date(2099, 1, 1))  # a snapshot killed on this machine
     for day, seed in ((2, 11), (3, 12)):
         server.files[IMAGES] = _new_images(tmp_path, seed)
         assert grove(["rebuild", "--date", f"2099-01-0{day}"]) == 0
-    cached = root / "tinymnist" / ".downloads" / snapshot.BY_SHA256
+        if day == 2:
+            killed.mkdir(parents=True)
+            (killed / "tiny-train-images.gz.part").write_bytes(b"partial")
+    assert not killed.exists()  # the next snapshot of the dataset on this machine removed its scratch
+    cached = root / layout.snapshot_bytes_prefix("tinymnist")  # the pinned bytes live in the artifact root
     assert len(list(cached.iterdir())) == 3
-    killed = root / "tinymnist" / ".downloads" / ".snapshot" / "2099-01-01"  # a snapshot killed, never rerun
-    killed.mkdir(parents=True)
-    (killed / "tiny-train-images.gz.part").write_bytes(b"partial")
     assert grove(["gc", "--keep", "1", "--dry-run"]) == 0
-    assert "and 3 cached download(s)" in capsys.readouterr().out
-    assert len(list(cached.iterdir())) == 3 and killed.exists()
+    assert "and 2 cached download(s)" in capsys.readouterr().out  # the bytes of the two older snapshots
+    assert len(list(cached.iterdir())) == 3
     assert grove(["gc", "--keep", "1"]) == 0
     newest = snapshot.latest_snapshot(root, "tinymnist")["pins"]["train_images"]
     assert [p.name for p in cached.iterdir()] == [newest]
-    assert not killed.exists()
 
 
 def test_mutable_config_errors(tiny_mnist):
@@ -193,14 +194,14 @@ def test_pinned_bytes_gone_and_changed_upstream_says_so(served, tmp_path):
     root, server = served["root"], served["server"]
     cfg = load_config("tinymnist")
     record = snapshot.take_snapshot(cfg, root, dt.date(2026, 11, 1))
-    shutil.rmtree(root / "tinymnist" / ".downloads" / snapshot.BY_SHA256)
+    shutil.rmtree(root / layout.snapshot_bytes_prefix("tinymnist"))
     server.files[IMAGES] = _new_images(tmp_path, seed=9)
     pinned = apply_pins(cfg, record["pins"])
     out = tmp_path / "fetch-out"
     out.mkdir()
     with pytest.raises(ChecksumError, match=r"mutable source train_images: the snapshot pinned sha256 "
                                             + record["pins"]["train_images"] + r".*run a newer date"):
-        write_fetch(pinned, out, root / "tinymnist" / ".downloads")
+        write_fetch(pinned, out, layout.download_cache("tinymnist"), root=root)
 
 
 def test_damaged_snapshot_record_is_reported(served, capsys):

@@ -99,7 +99,7 @@ def test_gc_keeps_what_serves_and_its_parents(rebuild_env, capsys):
     assert {p for p in root.glob("tinymnist/*/v[0-9]*-*")} == before  # a dry run deletes nothing
     assert grove(["gc", "--keep", "1"]) == 0
     after = {p for p in root.glob("tinymnist/*/v[0-9]*-*")}
-    assert after == before - set(planned) and planned
+    assert after == before - {root / key for key in planned} and planned
     for kept in serving.values():  # what serves, and everything it was built from, survives
         assert kept in after
         for parent in artifacts.read_manifest(kept)["parents"].values():
