@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ConfigError, FormatError
+from .exact import normalize_rows, rerank
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,34 @@ class _Vocab:
                 self.groups.setdefault(k, [self.index[k]]).append(i)
             else:
                 self.index[k] = i
-        v = np.array(vectors[:n], dtype=np.float32)
-        norms = np.linalg.norm(v, axis=1, keepdims=True)
-        norms[norms == 0] = 1.0
-        self.vectors = v / norms
+        # A fixed-order kernel, not np.linalg.norm: the scores below are stored (results.json).
+        self.vectors = normalize_rows(np.asarray(vectors[:n], dtype=np.float32))
+
+
+def _cosine(unit: np.ndarray, i: int, j: int) -> float:
+    """<unit[i], unit[j]> summed in float64 in a fixed order (the same bits on every CPU and BLAS)."""
+    return -float(rerank(unit[i], unit, np.array([j], dtype=np.int64), "dot")[0])
+
+
+_SHORTLIST = 8  # candidates BLAS scores pick; a fixed-order re-score decides among them
+
+
+def _best_exactly(scores: np.ndarray, unit: np.ndarray, abc: np.ndarray) -> np.ndarray:
+    """Per row, the column of the highest score, decided reproducibly: BLAS's float32 ``scores``
+    (n, n_words) only choose a shortlist; each candidate is re-scored as <b - a + c, x> in float64 in
+    a fixed order (ties: the smaller row), so the stored accuracy does not depend on the BLAS build.
+    Excluded columns carry -inf in ``scores`` and are never chosen."""
+    m = min(_SHORTLIST, scores.shape[1])
+    short = np.argpartition(-scores, m - 1, axis=1)[:, :m]
+    out = np.empty(scores.shape[0], dtype=np.int64)
+    for i in range(scores.shape[0]):
+        cand = short[i][np.isfinite(scores[i, short[i]])]
+        a, b, c = (unit[j].astype(np.float64) for j in abc[i])
+        target = (b - a + c).astype(np.float32)
+        exact = -rerank(target, unit, cand.astype(np.int64), "dot")
+        best = np.lexsort((cand, -exact))[0]
+        out[i] = cand[best]
+    return out
 
 
 def _check_file(path: str | Path) -> Path:
@@ -129,7 +154,7 @@ def word_similarity(
             if a not in vocab.index or b not in vocab.index:
                 n_oov += 1
                 continue
-            model.append(float(vocab.vectors[vocab.index[a]] @ vocab.vectors[vocab.index[b]]))
+            model.append(_cosine(vocab.vectors, vocab.index[a], vocab.index[b]))
             gold.append(score)
     if n_invalid:
         log.warning("%s: skipped %d lines that are not 'word1%sword2%sscore'", path, n_invalid, delimiter, delimiter)
@@ -235,7 +260,7 @@ def analogy_accuracy(
                 extra = vocab.groups.get(vocab.keys[col])
                 if extra:
                     scores[i, extra] = -np.inf
-        predicted = scores.argmax(axis=1)
+        predicted = _best_exactly(scores, V, np.stack([a, b, c], axis=1))
         correct[start:start + len(a)] = [vocab.keys[p] == vocab.keys[e] for p, e in zip(predicted, d)]
 
     def acc(mask: np.ndarray) -> float:

@@ -204,3 +204,34 @@ def test_real_glove_10k():
     assert r["analogy"]["n_questions"] == 6762
     assert len(r["analogy"]["per_section"]) == 14
     assert elapsed < 20, f"evaluation took {elapsed:.1f}s; the batched analogy search should take about 1s"
+
+
+_REPRO_SCRIPT = """
+import json, sys
+import numpy as np
+from pipeline.wordeval import GOOGLE_ANALOGIES, WORDSIM353, analogy_accuracy, gensim_test_file, word_similarity
+rng = np.random.default_rng(3)
+pairs = [line.split("\\t") for line in gensim_test_file(WORDSIM353).read_text().splitlines() if line and line[0] != "#"]
+words = sorted({w for p in pairs for w in p[:2]})
+words += [f"w{i}" for i in range(3000)]
+vectors = rng.normal(size=(len(words), 300)).astype(np.float32)
+print(json.dumps({"sim": word_similarity(words, vectors, gensim_test_file(WORDSIM353))}, sort_keys=True))
+"""
+
+
+def test_stored_scores_do_not_depend_on_blas(tmp_path):
+    """Word-similarity correlations are stored in results.json: the same bits with OpenBLAS on 1 or
+    2 threads and its Prescott kernel (whose float products differ from this CPU's in the last bits)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def run(**env):
+        out = subprocess.run([sys.executable, "-c", _REPRO_SCRIPT], env={**os.environ, "PYTHONPATH": str(REPO), **env},
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert run(OPENBLAS_NUM_THREADS="1") == run(OPENBLAS_NUM_THREADS="2", OPENBLAS_CORETYPE="Prescott")
