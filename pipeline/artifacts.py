@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping
 from . import __version__, layout
 from .download import file_digest
 from .errors import ArtifactError, ChecksumError
+from .paths import fsync_dir, pid_alive
 from .store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -218,14 +219,6 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def clean_stale_temporaries(stage_dir: Path) -> list[Path]:
@@ -238,7 +231,7 @@ def clean_stale_temporaries(stage_dir: Path) -> list[Path]:
         return removed
     for tmp in stage_dir.glob(f"{TMP_PREFIX}*"):
         pid = layout.parse_temporary(tmp.name)
-        if pid is None or _pid_alive(pid):
+        if pid is None or pid_alive(pid):
             continue
         log.info("removing stale temporary %s (its process %s is gone)", tmp, pid)
         shutil.rmtree(tmp)
@@ -277,12 +270,6 @@ def _write_json_durably(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def set_pointer(stage_dir: Path, name: str, version: str) -> None:
@@ -334,7 +321,7 @@ def publish(
             log.info("%s was published by another process meanwhile; keeping that copy", ref.key)
             shutil.rmtree(tmp)
             return read_manifest(ref.path)
-        _fsync_dir(ref.stage_dir)
+        fsync_dir(ref.stage_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

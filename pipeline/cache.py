@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import layout
 from .errors import ArtifactError
-from .paths import scratch_dir
+from .paths import file_sha256, scratch_dir
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def _blob(store: Store, key: str, info: dict, prefix: str, verify: bool) -> tupl
     blobs = cache_dir() / BLOBS
     blob = blobs / sha
     if blob.is_file():
-        if blob.stat().st_size == size and (not verify or _sha256(blob) == sha):
+        if blob.stat().st_size == size and (not verify or file_sha256(blob) == sha):
             return blob, False
         log.warning("the cached copy %s of %s is damaged; fetching it again", blob, store.where(key))
         blob.unlink(missing_ok=True)
@@ -125,7 +125,7 @@ def _blob(store: Store, key: str, info: dict, prefix: str, verify: bool) -> tupl
     try:
         store.download(key, tmp)
         actual_size = tmp.stat().st_size
-        actual = _sha256(tmp)
+        actual = file_sha256(tmp)
         if actual != sha or actual_size != size:
             raise ArtifactError(
                 f"{store.where(key)}: {actual_size} bytes with sha256 {actual}, but the manifest of "
@@ -165,7 +165,7 @@ def _intact(target: Path, manifest_sha: str, files: dict, verify: bool) -> bool:
         except OSError:
             return False
         if now != recorded[rel] or verify:
-            if _sha256(path) != info["sha256"]:
+            if file_sha256(path) != info["sha256"]:
                 log.warning("the cached file %s does not have the sha256 its manifest records; fetching it again",
                             path)
                 blob = cache_dir() / BLOBS / info["sha256"]
@@ -254,7 +254,3 @@ def _remove_stale_temporaries(directory: Path) -> None:
         except OSError:
             continue
 
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

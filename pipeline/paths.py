@@ -127,3 +127,31 @@ def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
             pass
         raise
     return dst
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file, streamed (hex)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

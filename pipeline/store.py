@@ -20,7 +20,6 @@ What each backend guarantees:
 from __future__ import annotations
 
 import abc
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from typing import Any
 
 from . import layout
 from .errors import ArtifactError, ConfigError, StoreError
+from .paths import file_sha256, fsync_dir, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,7 @@ class LocalStore(Store):
                 log.info("%s was published by another process meanwhile; keeping that copy", path)
                 shutil.rmtree(tmp, ignore_errors=True)
                 return self._read_manifest(prefix)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -332,7 +332,7 @@ class LocalStore(Store):
             if not tmp.name.startswith(start) or not tmp.is_dir():
                 continue
             pid = layout.parse_temporary(tmp.name)
-            if pid is not None and _pid_alive(pid):
+            if pid is not None and pid_alive(pid):
                 continue
             if now - tmp.stat().st_mtime >= grace_seconds:
                 stale.append(self.key(parent_key, tmp.name))
@@ -365,7 +365,7 @@ def complete_manifest(manifest: dict, files: dict[str, Path], local_dir: str | o
         unknown = sorted(measured - set(files))
         if unknown:
             raise ArtifactError(f"{local_dir}: {', '.join(unknown)} marked as measured but not written")
-        out["files"] = {rel: {"sha256": _sha256(p), "bytes": p.stat().st_size, "measured": rel in measured}
+        out["files"] = {rel: {"sha256": file_sha256(p), "bytes": p.stat().st_size, "measured": rel in measured}
                         for rel, p in files.items()}
         return out
     listed = out["files"]
@@ -390,27 +390,10 @@ def _manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_store(uri: str | os.PathLike) -> Store:
