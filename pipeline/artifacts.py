@@ -76,7 +76,9 @@ def store_of(root: str | os.PathLike) -> Store:
     """The store of an artifact root (a path or ``s3://bucket/prefix``), opened once per root (and,
     for an object store, per endpoint and credentials)."""
     text = str(root)
-    env = tuple(os.environ.get(name) for name in _STORE_ENV) if "://" in text else ()
+    from .store import store_settings
+
+    env = (*(os.environ.get(name) for name in _STORE_ENV), repr(store_settings())) if "://" in text else ()
     return _open_store(text, env)
 
 

@@ -1,9 +1,11 @@
 """What each stage of the chain computes, as plain functions the Luigi tasks call.
 
-Every stage has a name, a FORMAT version (bumped when the bytes it writes change meaning), a
-function giving the resolved parameters that go into its digest, and a ``write_*`` function that
-fills a temporary directory from its parents' directories. The tasks only wire these together with
-``pipeline.artifacts.publish``.
+Every stage is one ``Stage`` record in the registry at the end of this module (``STAGES``, in chain
+order): its name, a FORMAT version (bumped when the bytes it writes change meaning), a function giving
+the resolved parameters that go into its digest, the ``write_*`` function that fills a temporary
+directory from its parents' directories, the files it writes (and which are measured) and its
+parents. The tasks read it and only wire these together with ``pipeline.artifacts.publish``;
+``stage_params`` and ``FORMATS`` are views of it.
 
 ``report(fraction, message)`` is the progress callback every long stage calls.
 
@@ -25,16 +27,19 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import download, layout, snapshot
+from . import download, layout, learned, snapshot
 from .errors import ChecksumError, ConfigError
 from .evaluate import (RESULT_KEYS, RESULTS_JSON, ROW_ID, TIMINGS_JSON, directory_bytes, exact_baseline,  # noqa: F401
                        read_results, sweep_forest)
@@ -47,87 +52,103 @@ log = logging.getLogger(__name__)
 
 Report = Callable[[float, str], None]
 
-FORMATS = {"fetch": 1, "decode": 1, "features": 2, "train": 2, "embed": 2, "split": 2, "exact": 2, "forest": 3,
-           "evaluate": 2}
-
+RESULTS_PARQUET = "results.parquet"  # evaluate: every result column, for analysis (measured)
+REPORT_HTML = "report.html"  # evaluate: the report page and its data (pipeline.report writes them; measured)
+REPORT_JSON = "report.json"
 
 def _quiet(fraction: float, message: str) -> None:
     log.debug("%3.0f%% %s", 100 * fraction, message)
 
 
-def stage_params(cfg: dict, stage: str, **extra: Any) -> dict:
-    """The resolved parameters of ``stage`` that decide its bytes (and so its digest)."""
-    if stage == "fetch":
-        # URLs and mirrors are where bytes come from, not what they are: the checksums pin them.
-        # A mutable source's sha256 is the one its dated snapshot saw (config.apply_pins).
-        unpinned = [name for name, s in sorted(cfg["sources"].items()) if s["mutable"] and not s["sha256"]]
-        if unpinned:
-            raise ConfigError(
-                f"{cfg.get('_path', cfg['dataset']['name'])}: sources {', '.join(unpinned)} are mutable and this "
-                "run has no snapshot of them: run the dataset with `grove run`, `grove rebuild` or the Chain / "
-                "Rebuild tasks, which download them for the date and pin what they saw")
-        return {
-            name: {"filename": s["filename"], "sha256": s["sha256"], "md5": s["md5"]}
-            for name, s in sorted(cfg["sources"].items())
-        }
-    if stage == "decode":
-        return {"kind": cfg["dataset"]["kind"], **cfg["decode"]}
-    if stage == "features":
-        from .learned import features_params
+def stage_params(cfg: dict, stage: str, **context: Any) -> dict:
+    """The resolved parameters of ``stage`` that decide its bytes (and so its digest): the registered
+    stage's ``params`` (see ``Stage``). Context a stage does not take is ignored."""
+    return stage_of(stage).params(cfg, **context)
 
-        return features_params(cfg)
-    if stage == "train":
-        # extra: image_shape, the decode stage's (h, w[, c]) (None while it is not built)
-        from .learned import train_params
 
-        return train_params(cfg, extra.get("image_shape"))
-    if stage == "embed":
-        if cfg["embed"]["model"] == "cnn":
-            from .learned import embed_params
+# --- each stage's resolved parameters (the digest's payload; see the module docstring) -------------
 
-            return embed_params(cfg)  # embed.scale plays no part in a CNN embedding
-        return dict(cfg["embed"])
-    if stage == "split":
-        # extra: test_rows, how many rows the embedded vectors mark "test" (None while they are not
-        # built). A column split's n_queries resolves to the queries it keeps: 0 (every test row) and
-        # any number >= the test rows all mean every test row, and then the seed plays no part.
-        s = dict(cfg["split"])
-        test_rows = extra.get("test_rows")
-        if s["method"] == "column" and test_rows is not None:
-            s["n_queries"] = min(s["n_queries"] or test_rows, test_rows)
-            if s["n_queries"] == test_rows:
-                s["seed"] = None
-        return s
-    if stage == "evaluate":
-        # extra: n_queries_available, the split's query count (None while it is not built): n_queries
-        # = 0 (time every query) and anything above the count resolve to the count. The code defaults
-        # that decide stored results (recall's tolerance, passes per QPS, exact search's timed
-        # queries) are part of the digest too.
-        from .evaluate import EXACT_TIMED_MAX, RECALL_EPSILON, REPEATS
 
-        ev = dict(cfg["evaluate"])
-        available = extra.get("n_queries_available")
-        if available is not None:
-            ev["n_queries"] = min(ev["n_queries"] or available, available)
-        n_timed_exact = None if available is None else min(ev["n_queries"], EXACT_TIMED_MAX)
-        return {**ev, "recall_epsilon": RECALL_EPSILON, "repeats": REPEATS, "n_timed_exact": n_timed_exact}
-    if stage == "exact":
-        return {**cfg["exact"], "metric": cfg["embed"]["metric"]}
-    if stage == "forest":
-        # extra: n_trees, and dim (the vectors' width, None while they are not built yet). With
-        # the dim known, the leaf size and split dimension are resolved as Forest.build resolves
-        # them, so `leaf_size = 0` and the default written out give one digest, and a changed
-        # code default gives a new one. Without it the digest is provisional: it never names a
-        # published index (one is only built, under the resolved digest, once its vectors exist).
-        from .forest import resolved_build_params  # numba: imported only where needed
+def _fetch_params(cfg: dict, **_: Any) -> dict:
+    # URLs and mirrors are where bytes come from, not what they are: the checksums pin them.
+    # A mutable source's sha256 is the one its dated snapshot saw (config.apply_pins).
+    unpinned = [name for name, s in sorted(cfg["sources"].items()) if s["mutable"] and not s["sha256"]]
+    if unpinned:
+        raise ConfigError(
+            f"{cfg.get('_path', cfg['dataset']['name'])}: sources {', '.join(unpinned)} are mutable and this "
+            "run has no snapshot of them: run the dataset with `grove run`, `grove rebuild` or the Chain / "
+            "Rebuild tasks, which download them for the date and pin what they saw")
+    return {
+        name: {"filename": s["filename"], "sha256": s["sha256"], "md5": s["md5"]}
+        for name, s in sorted(cfg["sources"].items())
+    }
 
-        f, metric = cfg["forest"], cfg["embed"]["metric"]
-        params = {"leaf_size": f["leaf_size"], "seed": f["seed"], "metric": metric, **extra}
-        dim = params.pop("dim", None)
-        if dim is not None:
-            params.update(resolved_build_params(int(dim), metric, f["leaf_size"] or None))
-        return params
-    return dict(cfg[stage], **extra)
+
+def _decode_params(cfg: dict, **_: Any) -> dict:
+    return {"kind": cfg["dataset"]["kind"], **cfg["decode"]}
+
+
+def _features_params(cfg: dict, **_: Any) -> dict:
+    return learned.features_params(cfg)
+
+
+def _train_params(cfg: dict, image_shape: tuple[int, ...] | None = None, **_: Any) -> dict:
+    # image_shape: the decode stage's (h, w[, c]) (None while it is not built)
+    return learned.train_params(cfg, image_shape)
+
+
+def _embed_params(cfg: dict, **_: Any) -> dict:
+    if cfg["embed"]["model"] == "cnn":
+        return learned.embed_params(cfg)  # embed.scale plays no part in a CNN embedding
+    return dict(cfg["embed"])
+
+
+def _split_params(cfg: dict, test_rows: int | None = None, **_: Any) -> dict:
+    # test_rows: how many rows the embedded vectors mark "test" (None while they are not built). A
+    # column split's n_queries resolves to the queries it keeps: 0 (every test row) and any number >=
+    # the test rows all mean every test row, and then the seed plays no part.
+    s = dict(cfg["split"])
+    if s["method"] == "column" and test_rows is not None:
+        s["n_queries"] = min(s["n_queries"] or test_rows, test_rows)
+        if s["n_queries"] == test_rows:
+            s["seed"] = None
+    return s
+
+
+def _exact_params(cfg: dict, **_: Any) -> dict:
+    return {**cfg["exact"], "metric": cfg["embed"]["metric"]}
+
+
+def _forest_params(cfg: dict, **context: Any) -> dict:
+    # context: n_trees, and dim (the vectors' width, None while they are not built yet). With the dim
+    # known, the leaf size and split dimension are resolved as Forest.build resolves them, so
+    # `leaf_size = 0` and the default written out give one digest, and a changed code default gives a
+    # new one. Without it the digest is provisional: it never names a published index (one is only
+    # built, under the resolved digest, once its vectors exist). Every other context value is a
+    # parameter of the index (n_trees).
+    from .forest import resolved_build_params  # numba: imported only where needed
+
+    f, metric = cfg["forest"], cfg["embed"]["metric"]
+    params = {"leaf_size": f["leaf_size"], "seed": f["seed"], "metric": metric, **context}
+    dim = params.pop("dim", None)
+    if dim is not None:
+        params.update(resolved_build_params(int(dim), metric, f["leaf_size"] or None))
+    return params
+
+
+def _evaluate_params(cfg: dict, n_queries_available: int | None = None, **_: Any) -> dict:
+    # n_queries_available: the split's query count (None while it is not built): n_queries = 0 (time
+    # every query) and anything above the count resolve to the count. The code defaults that decide
+    # stored results (recall's tolerance, passes per QPS, exact search's timed queries) are part of
+    # the digest too.
+    from .evaluate import EXACT_TIMED_MAX, RECALL_EPSILON, REPEATS
+
+    ev = dict(cfg["evaluate"])
+    available = n_queries_available
+    if available is not None:
+        ev["n_queries"] = min(ev["n_queries"] or available, available)
+    n_timed_exact = None if available is None else min(ev["n_queries"], EXACT_TIMED_MAX)
+    return {**ev, "recall_epsilon": RECALL_EPSILON, "repeats": REPEATS, "n_timed_exact": n_timed_exact}
 
 
 # --- fetch ---------------------------------------------------------------------------------------
@@ -407,7 +428,7 @@ def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests:
     rows.append({**exact_baseline(base, queries, k, cfg["embed"]["metric"], n_timed_exact),
                  "build_seconds": 0.0, "index_bytes": int(base.nbytes)})
     rows = finite_or_none([{"method": "exact" if r["n_trees"] == 0 else "forest", **r} for r in rows])
-    pq.write_table(pa.Table.from_pylist(rows), out / "results.parquet")  # every column, for analysis
+    pq.write_table(pa.Table.from_pylist(rows), out / RESULTS_PARQUET)  # every column, for analysis
     quality = embedding_quality(cfg, embedded, split, exact, root)
     # Reproducible (the same bytes on every machine) apart from measured (QPS, seconds): see read_results.
     summary = finite_or_none({"k": k, "n_queries": int(len(queries)), "metric": cfg["embed"]["metric"],
@@ -427,7 +448,7 @@ def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests:
                        simlex999_spearman=round(quality["simlex999"]["spearman"], 4),
                        analogy_accuracy=round(quality["analogy"]["accuracy"], 4))
     return {"rows": {"results": len(rows)}, "metrics": finite_or_none(metrics),
-            "measured": [TIMINGS_JSON, "results.parquet"]}
+            "measured": [TIMINGS_JSON, RESULTS_PARQUET]}
 
 
 
@@ -455,7 +476,7 @@ def write_report(root: str | os.PathLike, evaluate_dir: Path, manifest: dict, re
     report(0.95, "writing report.html")
     build_evaluation_report(root, evaluate_dir, manifest=manifest, images=_item_images(root, manifest))
     report(1.0, "wrote report.html")
-    return ["report.html", "report.json"]  # measured: they show QPS and when they were made
+    return [REPORT_HTML, REPORT_JSON]  # measured: they show QPS and when they were made
 
 
 def format_results(rows: list[dict], k: int = 10) -> str:
@@ -482,3 +503,115 @@ def format_results(rows: list[dict], k: int = 10) -> str:
                      f"{num(r['qps'], 10, ',.0f')} {pct(r, 'qps')} {num(r.get('batch_qps'), 10, ',.0f')} "
                      f"{pct(r, 'batch_qps')}")
     return "\n".join(lines)
+
+
+# --- the registry ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the chain: everything the digest, the tasks and the commands know about it.
+
+    - ``name``: the stage's directory under ``<root>/<dataset>/`` and its task's ``stage``.
+    - ``format``: its FORMAT version (bumped when the bytes it writes change meaning); part of the
+      digest and of the version's name ``v<format>-<digest>``.
+    - ``params``: ``(cfg, **context) -> dict``, the resolved parameters that decide its bytes (the
+      digest's payload). ``context`` holds the task's own parameters (a forest's ``n_trees``) and
+      what only a published parent tells (see the module docstring), None while that parent is not
+      built; ``context`` names what it takes, and anything else is ignored.
+    - ``write``: the function that fills a temporary version directory from the parents' directories
+      (its arguments differ per stage; the task calls it).
+    - ``files``: the names it writes in its version directory (a directory such as ``index`` stands for
+      the files under it). Fetch writes one file per source, named by the config, and lists none.
+    - ``measured``: those of ``files`` that hold measurements (timings, QPS, timestamps), which the
+      manifest marks measured; every other file is the same bytes on every machine.
+    - ``parents``: the stages it may read, in the order its task requires them; ``uses(cfg)`` says
+      which of them a dataset's config needs (default: all).
+    """
+
+    name: str
+    format: int
+    params: Callable[..., dict]
+    write: Callable[..., dict]
+    files: tuple[str, ...]
+    measured: tuple[str, ...] = ()
+    parents: tuple[str, ...] = ()
+    context: tuple[str, ...] = ()
+    uses: Callable[[dict], Iterable[str]] | None = None
+
+    def parents_for(self, cfg: dict) -> tuple[str, ...]:
+        """The parents that ``cfg`` needs, in ``parents`` order."""
+        if self.uses is None:
+            return self.parents
+        used = set(self.uses(cfg))
+        return tuple(name for name in self.parents if name in used)
+
+
+_REGISTRY: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    """Add ``stage`` after the stages registered so far (its parents must be among them)."""
+    if stage.name in _REGISTRY:
+        raise ValueError(f"stage {stage.name!r} is registered twice")
+    missing = [p for p in stage.parents if p not in _REGISTRY]
+    if missing or not set(stage.measured) <= set(stage.files):
+        raise ValueError(f"stage {stage.name!r}: parents {missing} are not registered before it, or measured "
+                         f"{list(stage.measured)} are not among its files {list(stage.files)}")
+    _REGISTRY[stage.name] = stage
+    return stage
+
+
+def stage_of(name: str) -> Stage:
+    """The registered stage ``name``; KeyError naming the stages when there is none."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no stage {name!r}; the stages are {', '.join(_REGISTRY)}") from None
+
+
+def _late(module: Any, name: str) -> Callable[..., dict]:
+    """Calls ``module.<name>`` as it is at call time, so a replaced write function (a test's stall) is
+    the one the task runs."""
+    def write(*args: Any, **kwargs: Any) -> dict:
+        return getattr(module, name)(*args, **kwargs)
+
+    write.__name__ = write.__qualname__ = name
+    return write
+
+
+_here = sys.modules[__name__]
+
+
+def _embed_uses(cfg: dict) -> tuple[str, ...]:
+    if cfg["embed"]["model"] != "cnn":
+        return ("decode",)
+    return ("decode", "train", "features") if learned.pretrained(cfg) else ("decode", "train")
+
+
+# The chain, in order: a stage comes after every stage it may read.
+register(Stage("fetch", 1, _fetch_params, _late(_here, 'write_fetch'), files=()))
+register(Stage("decode", 1, _decode_params, _late(_here, 'write_decode'), files=("items.arrow",), parents=("fetch",)))
+register(Stage("features", 2, _features_params, _late(learned, 'write_features'), files=("features.npy",),
+               parents=("decode",)))
+register(Stage("train", 2, _train_params, _late(learned, 'write_train'), files=("model",),
+               parents=("decode", "features"),
+               context=("image_shape",),
+               uses=lambda cfg: ("decode", "features") if learned.pretrained(cfg) else ("decode",)))
+register(Stage("embed", 2, _embed_params, _late(_here, 'write_embed'), files=("vectors.arrow",),
+               parents=("decode", "train", "features"), uses=_embed_uses))
+register(Stage("split", 2, _split_params, _late(_here, 'write_split'), files=("base.arrow", "queries.arrow"),
+               parents=("embed",), context=("test_rows",)))
+register(Stage("exact", 2, _exact_params, _late(_here, 'write_exact'), files=("neighbors.npy", "distances.npy"),
+               parents=("split",)))
+register(Stage("forest", 3, _forest_params, _late(_here, 'write_forest'), files=("index", "items.arrow"),
+               parents=("split",), context=("n_trees", "dim")))
+register(Stage("evaluate", 2, _evaluate_params, _late(_here, 'write_evaluate'),
+               files=(RESULTS_JSON, TIMINGS_JSON, RESULTS_PARQUET, REPORT_HTML, REPORT_JSON),
+               measured=(TIMINGS_JSON, RESULTS_PARQUET, REPORT_HTML, REPORT_JSON),
+               parents=("embed", "split", "exact", "forest"), context=("n_queries_available",)))
+
+STAGES: Mapping[str, Stage] = MappingProxyType(_REGISTRY)  # every stage, in chain order
+STAGE_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+# A compatibility view: each stage's FORMAT version.
+FORMATS: Mapping[str, int] = MappingProxyType({name: stage.format for name, stage in _REGISTRY.items()})

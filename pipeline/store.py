@@ -396,8 +396,35 @@ def _manifest_bytes(manifest: dict) -> bytes:
 
 
 
-def open_store(uri: str | os.PathLike) -> Store:
-    """The store of an artifact root: ``s3://bucket/prefix`` or a local path."""
+# Settings for object-store roots from grove's own configuration (luigi.cfg ``[grove] s3_endpoint``,
+# ``s3_region``), set by ``configure_store``; the AWS environment variables win over them.
+_SETTINGS: dict[str, str | None] = {"endpoint": None, "region": None}
+_ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_REGION_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def configure_store(endpoint: str | None = None, region: str | None = None) -> bool:
+    """Set the endpoint URL and region that object-store roots opened from now on fall back to (empty
+    or None: none). Returns True when they changed (stores opened before keep the old ones)."""
+    new = {"endpoint": (endpoint or "").strip() or None, "region": (region or "").strip() or None}
+    if new == _SETTINGS:
+        return False
+    _SETTINGS.update(new)
+    return True
+
+
+def store_settings() -> dict[str, str | None]:
+    """The endpoint and region set by ``configure_store`` (None where unset)."""
+    return dict(_SETTINGS)
+
+
+def open_store(uri: str | os.PathLike, *, endpoint: str | None = None, region: str | None = None) -> Store:
+    """The store of an artifact root: ``s3://bucket/prefix`` or a local path.
+
+    For an object store, ``endpoint`` and ``region`` (default: those of ``configure_store``) are used
+    only where the environment gives none: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` win over the
+    endpoint, ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` over the region, as the environment wins over
+    every grove setting; a region set here wins over the AWS profile's (see pipeline.objectstore)."""
     text = str(uri)
     if "://" in text:
         scheme = text.split("://", 1)[0].lower()
@@ -406,5 +433,11 @@ def open_store(uri: str | os.PathLike) -> Store:
                               f"{', '.join(s + '://bucket/prefix' for s in SCHEMES)}")
         from .objectstore import ObjectStore  # pyarrow.fs and its S3 client only when needed
 
-        return ObjectStore(text)
+        endpoint = endpoint or _SETTINGS["endpoint"]
+        region = region or _SETTINGS["region"]
+        if any(os.environ.get(name) for name in _ENDPOINT_ENV):
+            endpoint = None
+        if any(os.environ.get(name) for name in _REGION_ENV):
+            region = None
+        return ObjectStore(text, endpoint=endpoint, region=region)
     return LocalStore(text)

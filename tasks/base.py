@@ -11,7 +11,7 @@ from pathlib import Path
 
 import luigi
 
-from pipeline import artifacts, stages
+from pipeline import artifacts, stages, store
 from pipeline.config import apply_pins, load_config
 
 from . import settings
@@ -41,7 +41,8 @@ class grove(luigi.Config):
     """The ``[grove]`` section of luigi.cfg. Operational only: none of it changes an artifact's bytes.
 
     Environment variables win over luigi.cfg: GROVE_ARTIFACTS, GROVE_MIRROR, GROVE_CONFIGS, GROVE_THREADS,
-    GROVE_REBUILD_DATASETS.
+    GROVE_REBUILD_DATASETS; for an object-store root, AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL over
+    ``s3_endpoint`` and AWS_REGION / AWS_DEFAULT_REGION over ``s3_region``.
     """
 
     artifacts = luigi.Parameter(default="", significant=False, description="artifact root (default ./artifacts)")
@@ -50,6 +51,10 @@ class grove(luigi.Config):
     threads = luigi.IntParameter(default=0, significant=False, description="threads for builds (0 = all cores)")
     rebuild_datasets = luigi.Parameter(default="mnist,glove", significant=False,
                                        description="comma-separated datasets that Rebuild covers")
+    s3_endpoint = luigi.Parameter(default="", significant=False,
+                                  description="S3-compatible endpoint URL of an s3:// root (AWS_ENDPOINT_URL wins)")
+    s3_region = luigi.Parameter(default="", significant=False,
+                                description="region of an s3:// root (AWS_REGION wins)")
 
     verbose = luigi.BoolParameter(default=False, significant=False,
                                   description="print Luigi's chatter and tracebacks on the terminal (GROVE_VERBOSE)")
@@ -60,6 +65,7 @@ class grove(luigi.Config):
         (``s3://bucket/prefix``); a scheme grove does not support is a ConfigError (exit 2)."""
         env = os.environ.get("GROVE_ARTIFACTS")
         value = env or self.artifacts or "artifacts"
+        store.configure_store(self.s3_endpoint, self.s3_region)  # part of artifacts.store_of's cache key
         if "://" in value:
             return artifacts.store_of(value).uri  # checks the scheme and the bucket name; connects later
         path = Path(value).expanduser()
@@ -121,6 +127,17 @@ class GroveTask(luigi.Task):
     pins = luigi.DictParameter(default={}, description="sha256 of each mutable source, from a dated snapshot "
                                "(Chain and Rebuild fill it in; datasets without mutable sources leave it empty)")
     stage: str = ""
+    _by_stage: dict[str, type["GroveTask"]] = {}  # stage name -> its task class (the tasks of pipeline.stages.STAGES)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.stage in stages.STAGES:
+            GroveTask._by_stage[cls.stage] = cls
+
+    @property
+    def spec(self) -> stages.Stage:
+        """This task's stage in the registry (``pipeline.stages.STAGES``)."""
+        return stages.stage_of(self.stage)
 
     def __repr__(self) -> str:
         # Luigi's repr, with pins shortened (train_images@f8a32ec2dfab) and left out when empty, so logs
@@ -141,11 +158,19 @@ class GroveTask(luigi.Task):
             self.__dict__["_cfg"] = apply_pins(load_config(self.dataset, grove().config_dir()), self.pins)
         return self.__dict__["_cfg"]
 
+    def stage_context(self) -> dict:
+        """What the stage's ``params`` take besides the config (``Stage.context``): the task's own
+        parameters and what its published parents tell."""
+        return {}
+
     def stage_params(self) -> dict:
-        return stages.stage_params(self.cfg, self.stage)
+        return self.spec.params(self.cfg, **self.stage_context())
 
     def parent_tasks(self) -> dict[str, "GroveTask"]:
-        return {}
+        """The tasks of the parents this config needs (``Stage.parents_for``), by stage name."""
+        if self.stage not in stages.STAGES:
+            return {}  # not a stage of the chain (a snapshot): it reads no versions
+        return {name: self.clone(GroveTask._by_stage[name]) for name in self.spec.parents_for(self.cfg)}
 
     def requires(self):
         return self.parent_tasks()
@@ -162,7 +187,7 @@ class GroveTask(luigi.Task):
         memo = _fixed_outputs.get()
         if memo is not None and self.task_id in memo:
             return memo[self.task_id]
-        ref = artifacts.make_ref(grove().artifact_root(), self.dataset, self.stage, stages.FORMATS[self.stage],
+        ref = artifacts.make_ref(grove().artifact_root(), self.dataset, self.stage, self.spec.format,
                                  self.stage_params(), self.parent_refs())
         if memo is not None:
             memo[self.task_id] = ArtifactTarget(ref)

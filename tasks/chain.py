@@ -1,4 +1,7 @@
-"""The stages of one dataset's chain, fetch -> decode -> embed -> split -> exact / forest -> evaluate."""
+"""The stages of one dataset's chain, fetch -> decode -> embed -> split -> exact / forest -> evaluate.
+
+Each task is one stage of ``pipeline.stages.STAGES``: its FORMAT, parameters and parents come from
+there (``GroveTask``); a task adds only the context its parameters need and the call of its write."""
 
 from __future__ import annotations
 
@@ -76,18 +79,15 @@ class Fetch(GroveTask):
     resources = {"downloads": 1}  # luigi.cfg [resources] caps concurrent downloads across workers
 
     def write(self, tmp: Path):
-        return stages.write_fetch(self.cfg, tmp, layout.download_cache(self.dataset), grove().mirror_prefix(),
+        return self.spec.write(self.cfg, tmp, layout.download_cache(self.dataset), grove().mirror_prefix(),
                                   self.report, root=grove().artifact_root())
 
 
 class Decode(GroveTask):
     stage = "decode"
 
-    def parent_tasks(self):
-        return {"fetch": self.clone(Fetch)}
-
     def write(self, tmp: Path):
-        return stages.write_decode(self.cfg, self.parent_path("fetch"), tmp, self.report)
+        return self.spec.write(self.cfg, self.parent_path("fetch"), tmp, self.report)
 
 
 class Features(GroveTask):
@@ -95,11 +95,8 @@ class Features(GroveTask):
 
     stage = "features"
 
-    def parent_tasks(self):
-        return {"decode": self.clone(Decode)}
-
     def write(self, tmp: Path):
-        return learned.write_features(self.cfg, self.parent_path("decode"), tmp, self.report)
+        return self.spec.write(self.cfg, self.parent_path("decode"), tmp, self.report)
 
 
 class Train(GroveTask):
@@ -108,8 +105,8 @@ class Train(GroveTask):
     stage = "train"
     resources = {"cnn_training": 1}  # luigi.cfg [resources]: one training at a time across workers
 
-    def stage_params(self):
-        return stages.stage_params(self.cfg, self.stage, image_shape=self.image_shape())
+    def stage_context(self):
+        return {"image_shape": self.image_shape()}
 
     def image_shape(self) -> tuple[int, ...] | None:
         """The decoded images' (h, w[, c]), which resolve the small CNN's defaults; None while they are
@@ -119,32 +116,18 @@ class Train(GroveTask):
             return None
         return learned.image_shape(artifacts.local_dir(decode))
 
-    def parent_tasks(self):
-        parents = {"decode": self.clone(Decode)}
-        if learned.pretrained(self.cfg):
-            parents["features"] = self.clone(Features)
-        return parents
-
     def write(self, tmp: Path):
         checkpoints = layout.checkpoints_dir(self.dataset, self.output().ref.version)
         features = self.parent_path("features") if "features" in self.parent_refs() else None
-        return learned.write_train(self.cfg, self.parent_path("decode"), features, tmp, checkpoints, self.report)
+        return self.spec.write(self.cfg, self.parent_path("decode"), features, tmp, checkpoints, self.report)
 
 
 class Embed(GroveTask):
     stage = "embed"
 
-    def parent_tasks(self):
-        parents = {"decode": self.clone(Decode)}
-        if self.cfg["embed"]["model"] == "cnn":
-            parents["train"] = self.clone(Train)
-            if learned.pretrained(self.cfg):
-                parents["features"] = self.clone(Features)
-        return parents
-
     def write(self, tmp: Path):
         refs = self.parent_refs()
-        return stages.write_embed(self.cfg, self.parent_path("decode"), tmp, self.report,
+        return self.spec.write(self.cfg, self.parent_path("decode"), tmp, self.report,
                                   trained=self.parent_path("train") if "train" in refs else None,
                                   features=self.parent_path("features") if "features" in refs else None,
                                   threads=self.cfg["train"]["threads"])  # significant: torch's results depend on it
@@ -153,8 +136,8 @@ class Embed(GroveTask):
 class Split(GroveTask):
     stage = "split"
 
-    def stage_params(self):
-        return stages.stage_params(self.cfg, self.stage, test_rows=self.test_rows())
+    def stage_context(self):
+        return {"test_rows": self.test_rows()}
 
     def test_rows(self) -> int | None:
         """The embedded rows marked test (a column split's queries); None for a holdout split or while
@@ -163,29 +146,23 @@ class Split(GroveTask):
         column = self.cfg["split"]["method"] == "column"
         return stages.count_test_rows(artifacts.local_dir(embed)) if column and embed.exists() else None
 
-    def parent_tasks(self):
-        return {"embed": self.clone(Embed)}
-
     def write(self, tmp: Path):
-        return stages.write_split(self.cfg, self.parent_path("embed"), tmp, self.report)
+        return self.spec.write(self.cfg, self.parent_path("embed"), tmp, self.report)
 
 
 class Exact(GroveTask):
     stage = "exact"
 
-    def parent_tasks(self):
-        return {"split": self.clone(Split)}
-
     def write(self, tmp: Path):
-        return stages.write_exact(self.cfg, self.parent_path("split"), tmp, self.report)
+        return self.spec.write(self.cfg, self.parent_path("split"), tmp, self.report)
 
 
 class Forest(GroveTask):
     stage = "forest"
     n_trees = luigi.IntParameter(description="number of trees of this index")
 
-    def stage_params(self):
-        return stages.stage_params(self.cfg, self.stage, n_trees=self.n_trees, dim=self.vector_dim())
+    def stage_context(self):
+        return {"n_trees": self.n_trees, "dim": self.vector_dim()}
 
     def vector_dim(self) -> int | None:
         """The width of the vectors the index is built over (the embed stage's manifest records it),
@@ -193,19 +170,16 @@ class Forest(GroveTask):
         embed = self.clone(Embed).output().ref
         return artifacts.read_manifest(embed, verify="none").get("dim") if embed.exists() else None
 
-    def parent_tasks(self):
-        return {"split": self.clone(Split)}
-
     def write(self, tmp: Path):
-        return stages.write_forest(self.cfg, self.parent_path("split"), tmp, self.n_trees,
+        return self.spec.write(self.cfg, self.parent_path("split"), tmp, self.n_trees,
                                    grove().thread_count(), self.report)
 
 
 class Evaluate(GroveTask):
     stage = "evaluate"
 
-    def stage_params(self):
-        return stages.stage_params(self.cfg, self.stage, n_queries_available=self.query_count())
+    def stage_context(self):
+        return {"n_queries_available": self.query_count()}
 
     def query_count(self) -> int | None:
         """The split's query count (its manifest records it); None while it is not built (the digest
@@ -217,14 +191,20 @@ class Evaluate(GroveTask):
             return None  # a damaged manifest: this stage's run reports it when it verifies its parents
 
     def parent_tasks(self):
-        forests = {f"forest_{n}": self.clone(Forest, n_trees=n) for n in self.cfg["forest"]["n_trees"]}
-        return {"embed": self.clone(Embed), "split": self.clone(Split), "exact": self.clone(Exact), **forests}
+        # One forest parent per n_trees of the config, named forest_<n_trees>.
+        parents = {}
+        for name in self.spec.parents_for(self.cfg):
+            if name == "forest":
+                parents.update({f"forest_{n}": self.clone(Forest, n_trees=n) for n in self.cfg["forest"]["n_trees"]})
+            else:
+                parents[name] = self.clone(GroveTask._by_stage[name])
+        return parents
 
     def write(self, tmp: Path):
         forests = {task.n_trees: self.parent_path(name) for name, task in self.parent_tasks().items()
                    if isinstance(task, Forest)}
         root = grove().artifact_root()
-        out = stages.write_evaluate(self.cfg, self.parent_path("embed"), self.parent_path("split"),
+        out = self.spec.write(self.cfg, self.parent_path("embed"), self.parent_path("split"),
                                     self.parent_path("exact"), forests, tmp, self.report, root=root)
         ref = self.output().ref
         stub = {"dataset": self.dataset, "stage": self.stage, "version": ref.version, "params": self.stage_params(),

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline import artifacts, layout
+from pipeline import artifacts, layout, stages
 from pipeline.config import available_datasets, load_config
 from pipeline.errors import ArtifactError, ConfigError, GroveError, StoreError
 
@@ -28,7 +28,7 @@ from . import settings as grove_settings
 (EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ARTIFACT, EXIT_SCHEDULING, EXIT_NOT_RUN, EXIT_MISSING, EXIT_GATE,
  EXIT_STORE) = range(9)
 _LAST_RUN: dict = {"completed": set()}
-STAGES = ("fetch", "decode", "embed", "split", "exact", "forest", "evaluate")
+STAGES = stages.STAGE_NAMES  # the registry's order (pipeline.stages.STAGES)
 
 
 def _settings():
