@@ -42,8 +42,8 @@ from typing import Any, Callable, Mapping
 from . import __version__, layout
 from .download import file_digest
 from .errors import ArtifactError, ChecksumError
-from .paths import fsync_dir, pid_alive
-from .store import Store, open_store
+from .paths import fsync_dir, pid_alive, write_text_atomic
+from .store import LocalStore, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -257,11 +257,7 @@ def _list_files(directory: Path, measured: set[str] = frozenset()) -> dict[str, 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON through a temporary sibling and a rename, so a
     reader sees the old file or the new one, never half of one. Creates the parent directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def _write_json_durably(path: Path, obj: Any) -> None:
@@ -276,14 +272,11 @@ def _write_json_durably(path: Path, obj: Any) -> None:
 
 def set_pointer(stage_dir: Path, name: str, version: str) -> None:
     """Point ``stage_dir/name`` (a symlink) at ``version``, replacing any old pointer atomically."""
-    tmp = stage_dir / f".{name}-{os.getpid()}-{secrets.token_hex(4)}"
-    os.symlink(version, tmp)
-    os.replace(tmp, stage_dir / name)
+    LocalStore(stage_dir).set_pointer("", name, version)
 
 
 def read_pointer(stage_dir: Path, name: str = LATEST) -> str | None:
-    link = stage_dir / name
-    return os.readlink(link) if link.is_symlink() else None
+    return LocalStore(stage_dir).get_pointer("", name)
 
 
 def publish(

@@ -1,9 +1,9 @@
 """Where grove writes: the artifact root, the per-machine scratch directory, and safe names.
 
-Every path grove writes under the artifact root is made by ``under_root``, which refuses a path that
-resolves outside the root (a name with ``..``, an absolute path, a symlink leading away). Names that
-come from configs, data or the command line (dataset names, source file names) are checked by
-``check_name`` / ``check_filename`` before they become paths.
+Names that come from configs, data or the command line (dataset names, source file names) are
+checked by ``check_name`` / ``check_filename`` before they become paths; every key under the
+artifact root is then built by ``Store.key`` (pipeline/store.py), which refuses ``..`` and absolute
+parts, from the names ``pipeline/layout.py`` owns.
 
 The scratch directory is per machine and safe to lose (verified-stamps, caches): ``GROVE_SCRATCH``,
 else ``$XDG_CACHE_HOME/grove``, else ``~/.cache/grove``.
@@ -11,8 +11,10 @@ else ``$XDG_CACHE_HOME/grove``, else ``~/.cache/grove``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import ConfigError
@@ -57,18 +59,6 @@ def check_filename(name: str, where: str) -> str:
     return name
 
 
-def under_root(root: str | os.PathLike, *parts: str) -> Path:
-    """``root / parts...``, refused (ConfigError) when it would resolve outside ``root``."""
-    root_path = Path(root)
-    path = root_path.joinpath(*parts)
-    resolved_root = root_path.resolve()
-    resolved = path.resolve()
-    if resolved != resolved_root and resolved_root not in resolved.parents:
-        raise ConfigError(f"refusing to write {path}: it resolves to {resolved}, outside the artifact root "
-                          f"{resolved_root}")
-    return path
-
-
 def scratch_dir() -> Path:
     """This machine's scratch directory (created on demand by its users; safe to delete)."""
     env = os.environ.get("GROVE_SCRATCH")
@@ -84,18 +74,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` through a temporary sibling (fsynced) and a rename; creates the parent."""
+@contextlib.contextmanager
+def _replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to fill; on success it is renamed onto ``path`` (readers
+    see the old file or the new one, never half of one), on any error it is removed. Creates the parent."""
     import secrets
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -103,30 +92,28 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
         except OSError:
             pass
         raise
-    return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` through a temporary sibling (fsynced) and a rename; creates the parent."""
+    with _replacing(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
 
 
 def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy ``src`` to ``dst`` through a temporary sibling and a rename (a hard link when possible)."""
-    import secrets
     import shutil
 
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
+    with _replacing(dst) as tmp:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    return dst
+    return Path(dst)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

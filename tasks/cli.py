@@ -534,6 +534,11 @@ def _os_error_message(exc: OSError) -> str:
     return f"cannot use {where}: {cause}" + (f" ({name})" if name else "")
 
 
+_ERROR_EXITS = ((ConfigError, "config error: ", EXIT_USAGE), (ArtifactError, "artifact error: ", EXIT_ARTIFACT),
+                (SchedulerUnreachable, "", EXIT_SCHEDULING), (StoreError, "artifact root error: ", EXIT_STORE),
+                (GroveError, "", EXIT_FAILED))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     grove_settings.install()
@@ -543,21 +548,11 @@ def main(argv: list[str] | None = None) -> int:
             code = args.func(args)
             sys.stdout.flush()
             return code
-        except ConfigError as exc:
-            print(f"grove: config error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        except ArtifactError as exc:
-            print(f"grove: artifact error: {exc}", file=sys.stderr)
-            return EXIT_ARTIFACT
-        except SchedulerUnreachable as exc:
-            print(f"grove: {exc}", file=sys.stderr)
-            return EXIT_SCHEDULING
-        except StoreError as exc:
-            print(f"grove: artifact root error: {exc}", file=sys.stderr)
-            return EXIT_STORE
         except GroveError as exc:
-            print(f"grove: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+            # The first kind that matches decides the message's prefix and the exit code.
+            prefix, code = next((p, c) for kind, p, c in _ERROR_EXITS if isinstance(exc, kind))
+            print(f"grove: {prefix}{exc}", file=sys.stderr)
+            return code
         except OSError as exc:
             if isinstance(exc, BrokenPipeError):
                 raise
