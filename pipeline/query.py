@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import layout
 from .errors import ConfigError
 from .exact import exact_neighbors, normalize_rows
 from .vectors import VectorTable, read_vectors
@@ -90,7 +91,7 @@ def search(forest, base: VectorTable, vector: np.ndarray, k: int, search_k: int 
 
 
 def open_split(split_dir: Path) -> tuple[VectorTable, VectorTable]:
-    return read_vectors(split_dir / "base.arrow"), read_vectors(split_dir / "queries.arrow")
+    return read_vectors(split_dir / layout.BASE), read_vectors(split_dir / layout.QUERIES)
 
 
 def format_answers(approx: Answer | None, truth: Answer | None) -> str:

@@ -39,8 +39,8 @@ from .paths import write_text_atomic
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).with_name("templates")
-REPORT = "report.html"
-REPORT_JSON = "report.json"
+REPORT = layout.REPORT_HTML
+REPORT_JSON = layout.REPORT_JSON
 QPS_RECALL_TARGET = 0.9
 _BLOCK = re.compile(r"<!--BEGIN (\w+)-->\n?(.*?)<!--END \1-->\n?", re.S)
 
@@ -707,7 +707,7 @@ def write_index_page(root: str | os.PathLike, out_path: str | os.PathLike,
     out_path = Path(out_path)
     base = out_path.parent.resolve() if links_base is None else links_base
     info = list(scan_evaluations(root) if datasets_info is None else datasets_info)
-    t = load_templates("index.html")
+    t = load_templates(layout.INDEX_PAGE)  # the template is named after the page it renders
     blocks, overview, curse_entries = [], [], []
     for d in info:
         name, evals = d["dataset"], d["evaluations"]
@@ -783,11 +783,11 @@ def build_evaluation_report(
     results = read_results(evaluate_dir)
     parents = manifest.get("parents", {})
     split_dir, exact_dir = version_dir(root, parents["split"]), version_dir(root, parents["exact"])
-    base = read_vectors(split_dir / "base.arrow")
-    queries = read_vectors(split_dir / "queries.arrow")
+    base = read_vectors(split_dir / layout.BASE)
+    queries = read_vectors(split_dir / layout.QUERIES)
     k = int(results.get("k", 10))
-    exact_ids = np.load(exact_dir / "neighbors.npy", mmap_mode="r")
-    exact_dists = np.load(exact_dir / "distances.npy", mmap_mode="r")
+    exact_ids = np.load(exact_dir / layout.NEIGHBORS, mmap_mode="r")
+    exact_dists = np.load(exact_dir / layout.DISTANCES, mmap_mode="r")
     metric = results.get("metric", "euclidean")
 
     neighbours = words = None
@@ -827,7 +827,7 @@ def _word_examples(root, parents, results, base, queries, exact_ids, exact_dists
     rows = np.sort(rng.choice(len(queries), size=min(12, len(queries)), replace=False))
     source = f"n_trees {setting['n_trees']}, search_k {setting['search_k']:,}, recall@{k} {setting['recall']:.3f}"
     try:
-        forest = Forest.load(version_dir(root, forests[setting["n_trees"]]) / "index", metric=results.get("metric"),
+        forest = Forest.load(version_dir(root, forests[setting["n_trees"]]) / layout.INDEX_DIR, metric=results.get("metric"),
                              dim=queries.dim)
         approx_ids, approx_dists = forest.query_batch(
             np.ascontiguousarray(queries.vectors[rows], dtype=np.float32), k=k, search_k=setting["search_k"],

@@ -17,6 +17,8 @@ first (``layout.snapshot_scratch``), so nothing half-downloaded ever lands in th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import datetime as dt
 import json
 import logging
@@ -28,6 +30,9 @@ from . import download, layout
 from .artifacts import location, store_of
 from .config import mutable_sources
 from .errors import ArtifactError, ConfigError
+
+if TYPE_CHECKING:
+    from .config import DatasetConfig
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +92,7 @@ def latest_snapshot(root: str | os.PathLike, dataset: str, before: dt.date | Non
     return load_snapshot(root, dataset, dates[-1]) if dates else None
 
 
-def latest_pins(root: str | os.PathLike, cfg: dict) -> dict[str, str]:
+def latest_pins(root: str | os.PathLike, cfg: DatasetConfig) -> dict[str, str]:
     """The pins of the newest snapshot of ``cfg``'s dataset ({} if it has no mutable source).
 
     Used where no date is given (``grove query`` before anything serves, ``grove run --rebuild``);
@@ -96,14 +101,14 @@ def latest_pins(root: str | os.PathLike, cfg: dict) -> dict[str, str]:
     names = mutable_sources(cfg)
     if not names:
         return {}
-    record = latest_snapshot(root, cfg["dataset"]["name"])
+    record = latest_snapshot(root, cfg.name)
     if record is None:
-        raise ConfigError(f"{cfg['_path']}: sources {', '.join(names)} are mutable and no snapshot of them exists "
-                          f"yet; run `grove run {cfg['dataset']['name']}` or `grove rebuild` to take one")
+        raise ConfigError(f"{cfg.path}: sources {', '.join(names)} are mutable and no snapshot of them exists "
+                          f"yet; run `grove run {cfg.name}` or `grove rebuild` to take one")
     return {name: record["pins"][name] for name in names if name in record["pins"]}
 
 
-def take_snapshot(cfg: dict, root: str | os.PathLike, date: dt.date, mirror: str | None = None,
+def take_snapshot(cfg: DatasetConfig, root: str | os.PathLike, date: dt.date, mirror: str | None = None,
                   report: Report = _quiet) -> dict:
     """Download every mutable source of ``cfg`` for ``date``; write and return the snapshot record.
 
@@ -113,7 +118,7 @@ def take_snapshot(cfg: dict, root: str | os.PathLike, date: dt.date, mirror: str
     record, so the next run takes the snapshot again; its scratch is removed by the next snapshot of
     the dataset on this machine.
     """
-    dataset = cfg["dataset"]["name"]
+    dataset = cfg.name
     store = store_of(root)
     _clean_scratch(root, dataset)
     scratch = layout.snapshot_scratch(dataset, date)
@@ -121,23 +126,23 @@ def take_snapshot(cfg: dict, root: str | os.PathLike, date: dt.date, mirror: str
     names = mutable_sources(cfg)
     sources = {}
     for i, name in enumerate(names):
-        src = cfg["sources"][name]
-        urls = download.candidate_urls(src["filename"], src["urls"], mirror, subdir=cfg["dataset"]["mirror_subdir"])
+        src = cfg.sources[name]
+        urls = download.candidate_urls(src.filename, src.urls, mirror, subdir=cfg.dataset.mirror_subdir)
 
         def progress(done: int, total: int | None, i=i, name=name) -> None:
             report((i + (done / total if total else 0.0)) / len(names), f"snapshot {name}: {done / 1e6:.1f} MB")
 
-        got, sha256 = download.fetch_unpinned(urls, scratch / src["filename"], progress=progress)
+        got, sha256 = download.fetch_unpinned(urls, scratch / src.filename, progress=progress)
         size = got.stat().st_size
         # Bytes just hashed: replacing an older copy also repairs a damaged one.
-        store.upload(got, layout.snapshot_bytes_key(dataset, sha256, src["filename"]))
+        store.upload(got, layout.snapshot_bytes_key(dataset, sha256, src.filename))
         got.unlink()
         before = (previous or {}).get("sources", {}).get(name)
         changed = before is None or before["sha256"] != sha256
         log.info("%s: mutable source %s is %s (sha256 %s, %d bytes)", dataset, name,
                  "new" if before is None else ("changed since " + previous["date"]) if changed
                  else "unchanged since " + previous["date"], sha256, size)
-        sources[name] = {"filename": src["filename"], "sha256": sha256, "bytes": size, "urls": urls,
+        sources[name] = {"filename": src.filename, "sha256": sha256, "bytes": size, "urls": urls,
                          "changed": changed, "previous_sha256": before["sha256"] if before else None}
     try:
         scratch.rmdir()

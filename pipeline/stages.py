@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -41,26 +41,26 @@ import pyarrow.parquet as pq
 
 from . import download, layout, learned, snapshot
 from .errors import ChecksumError, ConfigError
-from .evaluate import (RESULT_KEYS, RESULTS_JSON, ROW_ID, TIMINGS_JSON, directory_bytes, exact_baseline,  # noqa: F401
-                       read_results, sweep_forest)
+from .evaluate import RESULT_KEYS, ROW_ID, directory_bytes, exact_baseline, read_results, sweep_forest  # noqa: F401
+from .layout import REPORT_HTML, REPORT_JSON, RESULTS_JSON, RESULTS_PARQUET, TIMINGS_JSON
 from .decode import DECODERS
 from .exact import exact_neighbors, normalize_rows
 from .artifacts import location, read_manifest, ref_from_key, store_of, version_dir
 from .vectors import read_vectors, write_vectors
 
+if TYPE_CHECKING:
+    from .config import DatasetConfig
+
 log = logging.getLogger(__name__)
 
 Report = Callable[[float, str], None]
 
-RESULTS_PARQUET = "results.parquet"  # evaluate: every result column, for analysis (measured)
-REPORT_HTML = "report.html"  # evaluate: the report page and its data (pipeline.report writes them; measured)
-REPORT_JSON = "report.json"
 
 def _quiet(fraction: float, message: str) -> None:
     log.debug("%3.0f%% %s", 100 * fraction, message)
 
 
-def stage_params(cfg: dict, stage: str, **context: Any) -> dict:
+def stage_params(cfg: DatasetConfig, stage: str, **context: Any) -> dict:
     """The resolved parameters of ``stage`` that decide its bytes (and so its digest): the registered
     stage's ``params`` (see ``Stage``). Context a stage does not take is ignored."""
     return stage_of(stage).params(cfg, **context)
@@ -69,45 +69,45 @@ def stage_params(cfg: dict, stage: str, **context: Any) -> dict:
 # --- each stage's resolved parameters (the digest's payload; see the module docstring) -------------
 
 
-def _fetch_params(cfg: dict, **_: Any) -> dict:
+def _fetch_params(cfg: DatasetConfig, **_: Any) -> dict:
     # URLs and mirrors are where bytes come from, not what they are: the checksums pin them.
     # A mutable source's sha256 is the one its dated snapshot saw (config.apply_pins).
-    unpinned = [name for name, s in sorted(cfg["sources"].items()) if s["mutable"] and not s["sha256"]]
+    unpinned = [name for name, s in sorted(cfg.sources.items()) if s.mutable and not s.sha256]
     if unpinned:
         raise ConfigError(
-            f"{cfg.get('_path', cfg['dataset']['name'])}: sources {', '.join(unpinned)} are mutable and this "
+            f"{cfg.path}: sources {', '.join(unpinned)} are mutable and this "
             "run has no snapshot of them: run the dataset with `grove run`, `grove rebuild` or the Chain / "
             "Rebuild tasks, which download them for the date and pin what they saw")
     return {
-        name: {"filename": s["filename"], "sha256": s["sha256"], "md5": s["md5"]}
-        for name, s in sorted(cfg["sources"].items())
+        name: {"filename": s.filename, "sha256": s.sha256, "md5": s.md5}
+        for name, s in sorted(cfg.sources.items())
     }
 
 
-def _decode_params(cfg: dict, **_: Any) -> dict:
-    return {"kind": cfg["dataset"]["kind"], **cfg["decode"]}
+def _decode_params(cfg: DatasetConfig, **_: Any) -> dict:
+    return {"kind": cfg.kind, **cfg.decode.as_dict()}
 
 
-def _features_params(cfg: dict, **_: Any) -> dict:
+def _features_params(cfg: DatasetConfig, **_: Any) -> dict:
     return learned.features_params(cfg)
 
 
-def _train_params(cfg: dict, image_shape: tuple[int, ...] | None = None, **_: Any) -> dict:
+def _train_params(cfg: DatasetConfig, image_shape: tuple[int, ...] | None = None, **_: Any) -> dict:
     # image_shape: the decode stage's (h, w[, c]) (None while it is not built)
     return learned.train_params(cfg, image_shape)
 
 
-def _embed_params(cfg: dict, **_: Any) -> dict:
-    if cfg["embed"]["model"] == "cnn":
+def _embed_params(cfg: DatasetConfig, **_: Any) -> dict:
+    if cfg.embed.model == "cnn":
         return learned.embed_params(cfg)  # embed.scale plays no part in a CNN embedding
-    return dict(cfg["embed"])
+    return cfg.embed.as_dict()
 
 
-def _split_params(cfg: dict, test_rows: int | None = None, **_: Any) -> dict:
+def _split_params(cfg: DatasetConfig, test_rows: int | None = None, **_: Any) -> dict:
     # test_rows: how many rows the embedded vectors mark "test" (None while they are not built). A
     # column split's n_queries resolves to the queries it keeps: 0 (every test row) and any number >=
     # the test rows all mean every test row, and then the seed plays no part.
-    s = dict(cfg["split"])
+    s = cfg.split.as_dict()
     if s["method"] == "column" and test_rows is not None:
         s["n_queries"] = min(s["n_queries"] or test_rows, test_rows)
         if s["n_queries"] == test_rows:
@@ -115,11 +115,11 @@ def _split_params(cfg: dict, test_rows: int | None = None, **_: Any) -> dict:
     return s
 
 
-def _exact_params(cfg: dict, **_: Any) -> dict:
-    return {**cfg["exact"], "metric": cfg["embed"]["metric"]}
+def _exact_params(cfg: DatasetConfig, **_: Any) -> dict:
+    return {**cfg.exact.as_dict(), "metric": cfg.embed.metric}
 
 
-def _forest_params(cfg: dict, **context: Any) -> dict:
+def _forest_params(cfg: DatasetConfig, **context: Any) -> dict:
     # context: n_trees, and dim (the vectors' width, None while they are not built yet). With the dim
     # known, the leaf size and split dimension are resolved as Forest.build resolves them, so
     # `leaf_size = 0` and the default written out give one digest, and a changed code default gives a
@@ -128,22 +128,22 @@ def _forest_params(cfg: dict, **context: Any) -> dict:
     # parameter of the index (n_trees).
     from .forest import resolved_build_params  # numba: imported only where needed
 
-    f, metric = cfg["forest"], cfg["embed"]["metric"]
-    params = {"leaf_size": f["leaf_size"], "seed": f["seed"], "metric": metric, **context}
+    f, metric = cfg.forest, cfg.embed.metric
+    params = {"leaf_size": f.leaf_size, "seed": f.seed, "metric": metric, **context}
     dim = params.pop("dim", None)
     if dim is not None:
-        params.update(resolved_build_params(int(dim), metric, f["leaf_size"] or None))
+        params.update(resolved_build_params(int(dim), metric, f.leaf_size or None))
     return params
 
 
-def _evaluate_params(cfg: dict, n_queries_available: int | None = None, **_: Any) -> dict:
+def _evaluate_params(cfg: DatasetConfig, n_queries_available: int | None = None, **_: Any) -> dict:
     # n_queries_available: the split's query count (None while it is not built): n_queries = 0 (time
     # every query) and anything above the count resolve to the count. The code defaults that decide
     # stored results (recall's tolerance, passes per QPS, exact search's timed queries) are part of
     # the digest too.
     from .evaluate import EXACT_TIMED_MAX, RECALL_EPSILON, REPEATS
 
-    ev = dict(cfg["evaluate"])
+    ev = cfg.evaluate.as_dict()
     available = n_queries_available
     if available is not None:
         ev["n_queries"] = min(ev["n_queries"] or available, available)
@@ -154,7 +154,7 @@ def _evaluate_params(cfg: dict, n_queries_available: int | None = None, **_: Any
 # --- fetch ---------------------------------------------------------------------------------------
 
 
-def write_fetch(cfg: dict, out: Path, cache_dir: Path, mirror: str | None = None, report: Report = _quiet,
+def write_fetch(cfg: DatasetConfig, out: Path, cache_dir: Path, mirror: str | None = None, report: Report = _quiet,
                 root: str | os.PathLike | None = None) -> dict:
     """Download every source into ``cache_dir`` (this machine's download cache, kept between runs so a
     cut download resumes), verify it, then link it into ``out``.
@@ -162,32 +162,32 @@ def write_fetch(cfg: dict, out: Path, cache_dir: Path, mirror: str | None = None
     A mutable source's pinned bytes wait in the artifact ``root`` (see pipeline/snapshot.py): they are
     copied from there into the cache (any machine finds them) before its URLs are tried."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    sources = cfg["sources"]
+    sources = cfg.sources
     for i, (name, src) in enumerate(sorted(sources.items())):
-        urls = download.candidate_urls(src["filename"], src["urls"], mirror, subdir=cfg["dataset"]["mirror_subdir"])
+        urls = download.candidate_urls(src.filename, src.urls, mirror, subdir=cfg.dataset.mirror_subdir)
 
         def progress(done: int, total: int | None, i=i, name=name) -> None:
             part = done / total if total else 0.0
             report((i + part) / len(sources), f"fetch {name}: {done / 1e6:.1f} MB")
 
         stored = None
-        if src["mutable"]:
-            dest = snapshot.content_path(cache_dir, src["sha256"], src["filename"])
-            stored = layout.snapshot_bytes_key(cfg["dataset"]["name"], src["sha256"], src["filename"])
+        if src.mutable:
+            dest = snapshot.content_path(cache_dir, src.sha256, src.filename)
+            stored = layout.snapshot_bytes_key(cfg.name, src.sha256, src.filename)
             if root is not None and not dest.is_file() and store_of(root).exists(stored):
                 store_of(root).download(stored, dest)  # checked against the pin by fetch() below
         else:
-            dest = cache_dir / src["filename"]
+            dest = cache_dir / src.filename
         try:
-            cached = download.fetch(urls, dest, sha256=src["sha256"], md5=src["md5"], progress=progress)
+            cached = download.fetch(urls, dest, sha256=src.sha256, md5=src.md5, progress=progress)
         except ChecksumError as exc:
-            if not src["mutable"]:
+            if not src.mutable:
                 raise
             where = "the artifact root" if root is None else location(root, stored)
-            raise ChecksumError(f"mutable source {name}: the snapshot pinned sha256 {src['sha256']}, its stored copy "
+            raise ChecksumError(f"mutable source {name}: the snapshot pinned sha256 {src.sha256}, its stored copy "
                                 f"({where}) is gone or damaged and the publisher now serves other bytes; run a newer "
                                 f"date (its snapshot pins the current file). {exc}") from exc
-        _link_or_copy(cached, out / src["filename"])
+        _link_or_copy(cached, out / src.filename)
     report(1.0, f"fetched {len(sources)} files")
     return {"rows": {"files": len(sources)}}
 
@@ -202,31 +202,31 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 # --- decode --------------------------------------------------------------------------------------
 
 
-def write_decode(cfg: dict, fetched: Path, out: Path, report: Report = _quiet) -> dict:
+def write_decode(cfg: DatasetConfig, fetched: Path, out: Path, report: Report = _quiet) -> dict:
     """Read the raw files into one items table (``items.arrow``): uint8 pixels, or float32 word vectors."""
-    vectors, keys, labels, splits, meta = DECODERS[cfg["dataset"]["kind"]](cfg, fetched, out, report)
-    n = write_vectors(out / "items.arrow", vectors, keys, labels, splits, meta=meta)
+    vectors, keys, labels, splits, meta = DECODERS[cfg.kind](cfg, fetched, out, report)
+    n = write_vectors(out / layout.ITEMS, vectors, keys, labels, splits, meta=meta)
     return {"rows": {"items": n}, "dim": int(vectors.shape[1])}
 
 
 # --- embed ---------------------------------------------------------------------------------------
 
 
-def write_embed(cfg: dict, decoded: Path, out: Path, report: Report = _quiet, trained: Path | None = None,
+def write_embed(cfg: DatasetConfig, decoded: Path, out: Path, report: Report = _quiet, trained: Path | None = None,
                 features: Path | None = None, threads: int = 1) -> dict:
     """Turn items into float32 vectors (``vectors.arrow``) with metric and model in the metadata:
     scaled pixels, unit-length word vectors, or a trained CNN's bottleneck (``trained``)."""
     from .progress import Rate, scaled
 
-    emb = cfg["embed"]
-    items = read_vectors(decoded / "items.arrow")
+    emb = cfg.embed
+    items = read_vectors(decoded / layout.ITEMS)
     meta = {k: v for k, v in items.meta.items() if k != "dim"}
-    meta.update(metric=emb["metric"], model=emb["model"])
-    if emb["model"] == "cnn":
+    meta.update(metric=emb.metric, model=emb.model)
+    if emb.model == "cnn":
         from .learned import embed_with_model
 
-        vectors = embed_with_model(cfg, items, trained / "model", features, threads, scaled(report, 0.0, 0.95))
-        meta["backbone"] = cfg["train"]["backbone"]
+        vectors = embed_with_model(cfg, items, trained / layout.MODEL_DIR, features, threads, scaled(report, 0.0, 0.95))
+        meta["backbone"] = cfg.train.backbone
         meta["item_shape"] = meta.pop("image_shape", None)  # the rows are no longer images
     else:
         vectors = np.empty(items.vectors.shape, dtype=np.float32)
@@ -234,14 +234,14 @@ def write_embed(cfg: dict, decoded: Path, out: Path, report: Report = _quiet, tr
         rate = Rate(len(items), "items")
         for start in range(0, len(items), step):
             block = items.vectors[start : start + step]
-            if emb["model"] == "normalized":
+            if emb.model == "normalized":
                 block = normalize_rows(block)
-            np.multiply(block, np.float32(emb["scale"]), out=vectors[start : start + step])
+            np.multiply(block, np.float32(emb.scale), out=vectors[start : start + step])
             done = min(start + step, len(items))
             report(0.9 * done / len(items), f"embedded {rate.message(done)}")
     report(0.95, f"writing {len(items):,} vectors")
-    n = write_vectors(out / "vectors.arrow", vectors, items.keys, items.labels, list(items.splits), meta=meta)
-    report(1.0, f"embedded {n:,} items as {emb['model']} vectors of dimension {vectors.shape[1]}")
+    n = write_vectors(out / layout.VECTORS, vectors, items.keys, items.labels, list(items.splits), meta=meta)
+    report(1.0, f"embedded {n:,} items as {emb.model} vectors of dimension {vectors.shape[1]}")
     return {"rows": {"vectors": n}, "dim": int(vectors.shape[1])}
 
 
@@ -281,7 +281,7 @@ def count_test_rows(embedded: Path) -> int | None:
     """How many rows of the embed stage at ``embedded`` are marked ``test`` (its ``vectors.arrow``,
     memory-mapped: only the split column is read): a column split's queries, for its digest. None if
     the file cannot be read (damaged: the split's run reports it when it verifies its parent)."""
-    path = Path(embedded) / "vectors.arrow"
+    path = Path(embedded) / layout.VECTORS
     try:
         st = path.stat()
         return _test_rows_of(str(path), st.st_size, st.st_mtime_ns)
@@ -290,14 +290,14 @@ def count_test_rows(embedded: Path) -> int | None:
         return None
 
 
-def write_split(cfg: dict, embedded: Path, out: Path, report: Report = _quiet) -> dict:
-    table = read_vectors(embedded / "vectors.arrow")
-    s = cfg["split"]
-    base, queries = split_rows(table.splits, s["method"], s["n_queries"], s["seed"])
+def write_split(cfg: DatasetConfig, embedded: Path, out: Path, report: Report = _quiet) -> dict:
+    table = read_vectors(embedded / layout.VECTORS)
+    s = cfg.split
+    base, queries = split_rows(table.splits, s.method, s.n_queries, s.seed)
     meta = {k: v for k, v in table.meta.items() if k != "dim"}
-    for name, rows in (("base", base), ("queries", queries)):
+    for name, rows, filename in (("base", base, layout.BASE), ("queries", queries, layout.QUERIES)):
         part = table.take(rows)
-        write_vectors(out / f"{name}.arrow", part.vectors, part.keys, part.labels, list(part.splits), meta=meta)
+        write_vectors(out / filename, part.vectors, part.keys, part.labels, list(part.splits), meta=meta)
         report(0.5 if name == "base" else 1.0, f"wrote {name}: {len(rows)} rows")
     return {"rows": {"base": int(len(base)), "queries": int(len(queries))}}
 
@@ -305,20 +305,20 @@ def write_split(cfg: dict, embedded: Path, out: Path, report: Report = _quiet) -
 # --- exact ---------------------------------------------------------------------------------------
 
 
-def write_exact(cfg: dict, split: Path, out: Path, report: Report = _quiet) -> dict:
+def write_exact(cfg: DatasetConfig, split: Path, out: Path, report: Report = _quiet) -> dict:
     """Ground truth: ``neighbors.npy`` int64 (nq, k) and ``distances.npy`` float32 (nq, k)."""
     from .progress import Rate, format_duration
 
-    base = read_vectors(split / "base.arrow").vectors
-    queries = read_vectors(split / "queries.arrow").vectors
-    k = cfg["exact"]["k"]
+    base = read_vectors(split / layout.BASE).vectors
+    queries = read_vectors(split / layout.QUERIES).vectors
+    k = cfg.exact.k
     started = time.perf_counter()
     rate = Rate(len(queries), "queries")
     report(0.0, f"exact search: {len(queries):,} queries against {len(base):,} vectors, k={k}")
-    ids, dists = exact_neighbors(base, queries, k, cfg["embed"]["metric"],
+    ids, dists = exact_neighbors(base, queries, k, cfg.embed.metric,
                                  progress=lambda d, t: report(0.99 * d / t, f"exact search {rate.message(d)}"))
-    np.save(out / "neighbors.npy", ids)
-    np.save(out / "distances.npy", dists)
+    np.save(out / layout.NEIGHBORS, ids)
+    np.save(out / layout.DISTANCES, dists)
     report(1.0, f"exact search: {len(queries):,} queries in {format_duration(time.perf_counter() - started)}")
     return {"rows": {"queries": int(ids.shape[0]), "k": int(ids.shape[1])},
             "metrics": {"search_seconds": round(time.perf_counter() - started, 3)}}
@@ -327,14 +327,14 @@ def write_exact(cfg: dict, split: Path, out: Path, report: Report = _quiet) -> d
 # --- forest --------------------------------------------------------------------------------------
 
 
-def write_forest(cfg: dict, split: Path, out: Path, n_trees: int, n_threads: int = 1,
+def write_forest(cfg: DatasetConfig, split: Path, out: Path, n_trees: int, n_threads: int = 1,
                  report: Report = _quiet) -> dict:
     """Build the index over the base (``index/``) and map its item ids to keys (``items.arrow``).
 
     The build uses the resolved parameters of ``stage_params`` (the ones the digest hashes)."""
     from .forest import Forest  # numba compiles on first use; import only where it is needed
 
-    base = read_vectors(split / "base.arrow")
+    base = read_vectors(split / layout.BASE)
     params = stage_params(cfg, "forest", n_trees=n_trees, dim=base.dim)
     report(0.0, f"building {n_trees} trees over {len(base)} vectors")
     started = time.perf_counter()
@@ -342,36 +342,36 @@ def write_forest(cfg: dict, split: Path, out: Path, n_trees: int, n_threads: int
                           seed=params["seed"], n_threads=n_threads, split_dim=params["split_dim"] or None,
                           progress=lambda done, total: report(done / total, f"built {done}/{total} trees"))
     build_seconds = time.perf_counter() - started
-    forest.save(out / "index")
+    forest.save(out / layout.INDEX_DIR)
     table = pa.table({"id": pa.array(np.arange(len(base), dtype=np.int64)),
                       "key": pa.array(base.keys, type=pa.string()), "label": pa.array(base.labels)})
-    with pa.OSFile(str(out / "items.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+    with pa.OSFile(str(out / layout.ITEMS), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
         w.write_table(table)
     report(1.0, f"built {n_trees} trees in {build_seconds:.1f} s")
     return {"rows": {"items": len(base)},
-            "metrics": {"build_seconds": round(build_seconds, 3), "index_bytes": directory_bytes(out / "index"),
+            "metrics": {"build_seconds": round(build_seconds, 3), "index_bytes": directory_bytes(out / layout.INDEX_DIR),
                         "leaf_size": int(forest.leaf_size), "build_threads": int(n_threads)}}
 
 
 # --- evaluate ------------------------------------------------------------------------------------
 
 
-def embedding_quality(cfg: dict, embedded: Path, split: Path, exact: Path,
+def embedding_quality(cfg: DatasetConfig, embedded: Path, split: Path, exact: Path,
                       root: str | os.PathLike | None = None) -> dict:
     """How good the embedding itself is: word similarity and analogies for word vectors; for labelled
     items, label precision@10 (the share of each query's 10 exact nearest base items with its label)
     and, for a trained CNN, its classifier's test accuracy (from the train version's manifest under
     the artifact ``root``; default: the root that holds the local directory ``embedded``)."""
-    if cfg["dataset"]["kind"] == "word2vec":
+    if cfg.kind == "word2vec":
         from .wordeval import evaluate_word_embedding
 
-        table = read_vectors(embedded / "vectors.arrow")
+        table = read_vectors(embedded / layout.VECTORS)
         return evaluate_word_embedding(table.keys, table.vectors)
-    base_labels = read_vectors(split / "base.arrow").labels
-    query_labels = read_vectors(split / "queries.arrow").labels
+    base_labels = read_vectors(split / layout.BASE).labels
+    query_labels = read_vectors(split / layout.QUERIES).labels
     if (base_labels < 0).all():
         return {}
-    neighbors = np.load(exact / "neighbors.npy", mmap_mode="r")[:, :10]
+    neighbors = np.load(exact / layout.NEIGHBORS, mmap_mode="r")[:, :10]
     quality = {"label_precision_at_10": float((base_labels[neighbors] == query_labels[:, None]).mean())}
     train = read_manifest(embedded, verify="none")["parents"].get("train")
     if train:  # a learned embedding: its classifier's accuracy on the test split
@@ -380,7 +380,7 @@ def embedding_quality(cfg: dict, embedded: Path, split: Path, exact: Path,
     return quality
 
 
-def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests: dict[int, Path], out: Path,
+def write_evaluate(cfg: DatasetConfig, embedded: Path, split: Path, exact: Path, forests: dict[int, Path], out: Path,
                    report: Report = _quiet, root: str | os.PathLike | None = None) -> dict:
     """Recall@k and QPS over the search_k sweep for every forest, plus exact search as a point,
     and the embedding's own quality where the dataset has a measure of it.
@@ -394,19 +394,19 @@ def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests:
     from .forest import Forest
     from .progress import Rate, format_duration
 
-    ev = cfg["evaluate"]
-    k = ev["k"]
-    queries = read_vectors(split / "queries.arrow").vectors
-    true_dists = np.load(exact / "distances.npy", mmap_mode="r")
+    ev = cfg.evaluate
+    k = ev.k
+    queries = read_vectors(split / layout.QUERIES).vectors
+    true_dists = np.load(exact / layout.DISTANCES, mmap_mode="r")
     if true_dists.shape[1] < k:
-        raise ConfigError(f"{cfg['_path']}: evaluate.k = {k} exceeds exact.k = {true_dists.shape[1]}")
-    if ev["n_queries"] < 0:
-        raise ConfigError(f"{cfg['_path']}: evaluate.n_queries = {ev['n_queries']}; use 0 (time every query) "
+        raise ConfigError(f"{cfg.path}: evaluate.k = {k} exceeds exact.k = {true_dists.shape[1]}")
+    if ev.n_queries < 0:
+        raise ConfigError(f"{cfg.path}: evaluate.n_queries = {ev.n_queries}; use 0 (time every query) "
                           f"or a positive number of queries")
-    n_timed = len(queries) if ev["n_queries"] == 0 else min(ev["n_queries"], len(queries))
+    n_timed = len(queries) if ev.n_queries == 0 else min(ev.n_queries, len(queries))
     n_timed_exact = min(n_timed, EXACT_TIMED_MAX)
     rows: list[dict] = []
-    n_cells = len(forests) * len(ev["search_k"])
+    n_cells = len(forests) * len(ev.search_k)
     rate = Rate(n_cells + 1, "settings")
     done = 0
 
@@ -415,23 +415,23 @@ def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests:
                                                  f"done, ETA {format_duration(rate.eta(done + d))}")
 
     for n_trees, path in sorted(forests.items()):
-        forest = Forest.load(path / "index", metric=cfg["embed"]["metric"], dim=queries.shape[1])
+        forest = Forest.load(path / layout.INDEX_DIR, metric=cfg.embed.metric, dim=queries.shape[1])
         built = read_manifest(path, verify="none")["metrics"]
-        report(0.9 * done / (n_cells + 1), f"n_trees={n_trees}: sweeping search_k {list(ev['search_k'])}, "
+        report(0.9 * done / (n_cells + 1), f"n_trees={n_trees}: sweeping search_k {list(ev.search_k)}, "
                                           f"{REPEATS} x {n_timed:,} timed queries each")
-        for row in sweep_forest(forest, queries, true_dists, k, ev["search_k"], n_timed,
+        for row in sweep_forest(forest, queries, true_dists, k, ev.search_k, n_timed,
                                 progress=lambda d, t, m, n_trees=n_trees: cell(d, m, n_trees)):
             rows.append({**row, "build_seconds": built["build_seconds"], "index_bytes": built["index_bytes"]})
-        done += len(ev["search_k"])
-    base = read_vectors(split / "base.arrow").vectors
+        done += len(ev.search_k)
+    base = read_vectors(split / layout.BASE).vectors
     report(0.9 * done / (n_cells + 1), f"exact search baseline: {REPEATS} x {n_timed_exact:,} timed queries")
-    rows.append({**exact_baseline(base, queries, k, cfg["embed"]["metric"], n_timed_exact),
+    rows.append({**exact_baseline(base, queries, k, cfg.embed.metric, n_timed_exact),
                  "build_seconds": 0.0, "index_bytes": int(base.nbytes)})
     rows = finite_or_none([{"method": "exact" if r["n_trees"] == 0 else "forest", **r} for r in rows])
     pq.write_table(pa.Table.from_pylist(rows), out / RESULTS_PARQUET)  # every column, for analysis
     quality = embedding_quality(cfg, embedded, split, exact, root)
     # Reproducible (the same bytes on every machine) apart from measured (QPS, seconds): see read_results.
-    summary = finite_or_none({"k": k, "n_queries": int(len(queries)), "metric": cfg["embed"]["metric"],
+    summary = finite_or_none({"k": k, "n_queries": int(len(queries)), "metric": cfg.embed.metric,
                               "rows": [{key: r[key] for key in RESULT_KEYS} for r in rows], "quality": quality})
     timings = finite_or_none({"n_timed": int(n_timed), "n_timed_exact": int(n_timed_exact), "repeats": REPEATS,
                               "rows": [{key: v for key, v in r.items() if key not in RESULT_KEYS or key in ROW_ID}
@@ -439,7 +439,7 @@ def write_evaluate(cfg: dict, embedded: Path, split: Path, exact: Path, forests:
     (out / RESULTS_JSON).write_text(json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
     (out / TIMINGS_JSON).write_text(json.dumps(timings, indent=2, sort_keys=True, allow_nan=False) + "\n")
     report(0.9, f"evaluated {n_cells} settings and exact search in {format_duration(rate.elapsed())}")
-    log.info("%s evaluation:\n%s", cfg["dataset"]["name"], format_results(rows, k))
+    log.info("%s evaluation:\n%s", cfg.name, format_results(rows, k))
     metrics = {"best_recall": max(r["recall"] for r in rows if r["n_trees"])}
     if "label_precision_at_10" in quality:
         metrics["label_precision_at_10"] = round(quality["label_precision_at_10"], 4)
@@ -458,13 +458,13 @@ def _item_images(root: str | os.PathLike, manifest: dict) -> tuple[np.ndarray, n
     embed_manifest = read_manifest(ref_from_key(root, manifest["parents"]["embed"]), verify="none")
     if embed_manifest["params"].get("model") != "cnn":
         return None  # pixels are their own pictures; words have none: the items need not be read
-    items = read_vectors(version_dir(root, embed_manifest["parents"]["decode"]) / "items.arrow")
+    items = read_vectors(version_dir(root, embed_manifest["parents"]["decode"]) / layout.ITEMS)
     if "image_shape" not in items.meta:
         return None
     row = {key: i for i, key in enumerate(items.keys)}
     split_dir = version_dir(root, manifest["parents"]["split"])
-    picks = [np.array([row[k] for k in read_vectors(split_dir / f"{name}.arrow").keys], dtype=np.int64)
-             for name in ("queries", "base")]
+    picks = [np.array([row[k] for k in read_vectors(split_dir / name).keys], dtype=np.int64)
+             for name in (layout.QUERIES, layout.BASE)]
     return items.vectors[picks[0]], items.vectors[picks[1]], json.loads(items.meta["image_shape"])
 
 
@@ -537,9 +537,9 @@ class Stage:
     measured: tuple[str, ...] = ()
     parents: tuple[str, ...] = ()
     context: tuple[str, ...] = ()
-    uses: Callable[[dict], Iterable[str]] | None = None
+    uses: Callable[[DatasetConfig], Iterable[str]] | None = None
 
-    def parents_for(self, cfg: dict) -> tuple[str, ...]:
+    def parents_for(self, cfg: DatasetConfig) -> tuple[str, ...]:
         """The parents that ``cfg`` needs, in ``parents`` order."""
         if self.uses is None:
             return self.parents
@@ -583,28 +583,28 @@ def _late(module: Any, name: str) -> Callable[..., dict]:
 _here = sys.modules[__name__]
 
 
-def _embed_uses(cfg: dict) -> tuple[str, ...]:
-    if cfg["embed"]["model"] != "cnn":
+def _embed_uses(cfg: DatasetConfig) -> tuple[str, ...]:
+    if cfg.embed.model != "cnn":
         return ("decode",)
     return ("decode", "train", "features") if learned.pretrained(cfg) else ("decode", "train")
 
 
 # The chain, in order: a stage comes after every stage it may read.
 register(Stage("fetch", 1, _fetch_params, _late(_here, 'write_fetch'), files=()))
-register(Stage("decode", 1, _decode_params, _late(_here, 'write_decode'), files=("items.arrow",), parents=("fetch",)))
-register(Stage("features", 2, _features_params, _late(learned, 'write_features'), files=("features.npy",),
+register(Stage("decode", 1, _decode_params, _late(_here, 'write_decode'), files=(layout.ITEMS,), parents=("fetch",)))
+register(Stage("features", 2, _features_params, _late(learned, 'write_features'), files=(layout.FEATURES,),
                parents=("decode",)))
-register(Stage("train", 2, _train_params, _late(learned, 'write_train'), files=("model",),
+register(Stage("train", 2, _train_params, _late(learned, 'write_train'), files=(layout.MODEL_DIR,),
                parents=("decode", "features"),
                context=("image_shape",),
                uses=lambda cfg: ("decode", "features") if learned.pretrained(cfg) else ("decode",)))
-register(Stage("embed", 2, _embed_params, _late(_here, 'write_embed'), files=("vectors.arrow",),
+register(Stage("embed", 2, _embed_params, _late(_here, 'write_embed'), files=(layout.VECTORS,),
                parents=("decode", "train", "features"), uses=_embed_uses))
-register(Stage("split", 2, _split_params, _late(_here, 'write_split'), files=("base.arrow", "queries.arrow"),
+register(Stage("split", 2, _split_params, _late(_here, 'write_split'), files=(layout.BASE, layout.QUERIES),
                parents=("embed",), context=("test_rows",)))
-register(Stage("exact", 2, _exact_params, _late(_here, 'write_exact'), files=("neighbors.npy", "distances.npy"),
+register(Stage("exact", 2, _exact_params, _late(_here, 'write_exact'), files=(layout.NEIGHBORS, layout.DISTANCES),
                parents=("split",)))
-register(Stage("forest", 3, _forest_params, _late(_here, 'write_forest'), files=("index", "items.arrow"),
+register(Stage("forest", 3, _forest_params, _late(_here, 'write_forest'), files=(layout.INDEX_DIR, layout.ITEMS),
                parents=("split",), context=("n_trees", "dim")))
 register(Stage("evaluate", 2, _evaluate_params, _late(_here, 'write_evaluate'),
                files=(RESULTS_JSON, TIMINGS_JSON, RESULTS_PARQUET, REPORT_HTML, REPORT_JSON),

@@ -12,7 +12,7 @@ from pathlib import Path
 import luigi
 
 from pipeline import artifacts, stages, store
-from pipeline.config import apply_pins, load_config
+from pipeline.config import DatasetConfig, apply_pins, load_config
 
 from . import settings
 
@@ -35,6 +35,13 @@ def fixed_outputs():
         yield
     finally:
         _fixed_outputs.reset(token)
+
+
+def dataset_config(dataset: str) -> DatasetConfig:
+    """The validated config of ``dataset`` from the run's config directories (``[grove] configs``,
+    GROVE_CONFIGS, the packaged ones). Read and checked once per process while the file is
+    unchanged (``config.load_config``); every task of the dataset shares the one immutable object."""
+    return load_config(dataset, grove().config_dir())
 
 
 class grove(luigi.Config):
@@ -153,9 +160,10 @@ class GroveTask(luigi.Task):
         return f"{self.get_task_family()}({', '.join(shown)})"
 
     @property
-    def cfg(self) -> dict:
+    def cfg(self) -> DatasetConfig:
+        """The dataset's config with this task's pins (see ``dataset_config``)."""
         if "_cfg" not in self.__dict__:
-            self.__dict__["_cfg"] = apply_pins(load_config(self.dataset, grove().config_dir()), self.pins)
+            self.__dict__["_cfg"] = apply_pins(dataset_config(self.dataset), self.pins)
         return self.__dict__["_cfg"]
 
     def stage_context(self) -> dict:

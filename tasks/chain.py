@@ -13,10 +13,10 @@ from luigi.task import flatten
 
 from pipeline import artifacts, layout, learned, snapshot, stages
 from pipeline.artifacts import ArtifactRef
-from pipeline.config import load_config, mutable_sources
+from pipeline.config import mutable_sources
 from pipeline.errors import ArtifactError, ConfigError
 
-from .base import ArtifactTarget, GroveTask, StoreTarget, fixed_outputs, grove
+from .base import ArtifactTarget, GroveTask, StoreTarget, dataset_config, fixed_outputs, grove
 
 
 class Snapshot(GroveTask):
@@ -53,7 +53,7 @@ class Snapshot(GroveTask):
 def dated_evaluate(dataset: str, date: dt.date) -> "Evaluate | None":
     """The Evaluate task of ``dataset`` for ``date``: pinned to that date's snapshot when the dataset
     has mutable sources (None while that snapshot is not taken yet), plain otherwise."""
-    cfg = load_config(dataset, grove().config_dir())
+    cfg = dataset_config(dataset)
     if not mutable_sources(cfg):
         return Evaluate(dataset=dataset)
     pins = Snapshot(dataset=dataset, date=date).recorded_pins()
@@ -62,13 +62,13 @@ def dated_evaluate(dataset: str, date: dt.date) -> "Evaluate | None":
 
 def current_evaluate(dataset: str) -> "Evaluate":
     """The Evaluate task of the current config and the newest snapshot (for commands without a date)."""
-    cfg = load_config(dataset, grove().config_dir())
+    cfg = dataset_config(dataset)
     return Evaluate(dataset=dataset, pins=snapshot.latest_pins(grove().artifact_root(), cfg))
 
 
 def dated_requires(dataset: str, date: dt.date) -> luigi.Task:
     """What a dated task needs before it can name its Evaluate: the snapshot, or Evaluate itself."""
-    cfg = load_config(dataset, grove().config_dir())
+    cfg = dataset_config(dataset)
     if mutable_sources(cfg):
         return Snapshot(dataset=dataset, date=date)
     return Evaluate(dataset=dataset)
@@ -130,7 +130,7 @@ class Embed(GroveTask):
         return self.spec.write(self.cfg, self.parent_path("decode"), tmp, self.report,
                                   trained=self.parent_path("train") if "train" in refs else None,
                                   features=self.parent_path("features") if "features" in refs else None,
-                                  threads=self.cfg["train"]["threads"])  # significant: torch's results depend on it
+                                  threads=self.cfg.train.threads)  # significant: torch's results depend on it
 
 
 class Split(GroveTask):
@@ -143,7 +143,7 @@ class Split(GroveTask):
         """The embedded rows marked test (a column split's queries); None for a holdout split or while
         they are not embedded (the digest is then provisional, see pipeline.stages)."""
         embed = self.clone(Embed).output().ref
-        column = self.cfg["split"]["method"] == "column"
+        column = self.cfg.split.method == "column"
         return stages.count_test_rows(artifacts.local_dir(embed)) if column and embed.exists() else None
 
     def write(self, tmp: Path):
@@ -195,7 +195,7 @@ class Evaluate(GroveTask):
         parents = {}
         for name in self.spec.parents_for(self.cfg):
             if name == "forest":
-                parents.update({f"forest_{n}": self.clone(Forest, n_trees=n) for n in self.cfg["forest"]["n_trees"]})
+                parents.update({f"forest_{n}": self.clone(Forest, n_trees=n) for n in self.cfg.forest.n_trees})
             else:
                 parents[name] = self.clone(GroveTask._by_stage[name])
         return parents

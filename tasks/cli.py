@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline import artifacts, layout, stages
 from pipeline.config import available_datasets, load_config
@@ -24,6 +25,9 @@ from pipeline.errors import ArtifactError, ConfigError, GroveError, StoreError
 
 from . import logs
 from . import settings as grove_settings
+
+if TYPE_CHECKING:
+    from pipeline.config import DatasetConfig
 
 (EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ARTIFACT, EXIT_SCHEDULING, EXIT_NOT_RUN, EXIT_MISSING, EXIT_GATE,
  EXIT_STORE) = range(9)
@@ -197,17 +201,17 @@ def cmd_query(args: argparse.Namespace) -> int:
     search_k = None if args.search_k in (None, -1) else args.search_k
     settings = _settings()
     cfg = load_config(args.dataset, settings.config_dir())
-    if cfg["dataset"]["kind"] != "word2vec" and args.text.isdigit() and not args.text.isascii():
+    if cfg.kind != "word2vec" and args.text.isdigit() and not args.text.isascii():
         # str.isdigit() holds for "²" and "٣" too; a query number is written in ASCII digits
         return usage(f"query number {args.text!r} is not written with the digits 0-9; give a number such as 3 "
                      "or an item key such as test/3")
     split_dir, index_dir, origin = _query_paths(args.dataset)  # verified; missing or damaged: exit 3
     base, queries = query.open_split(split_dir)
-    vector, exclude = query.query_vector(args.text, cfg["dataset"]["kind"], base, queries)
-    forest = None if args.exact else Forest.load(index_dir / "index", metric=cfg["embed"]["metric"], dim=base.dim)
+    vector, exclude = query.query_vector(args.text, cfg.kind, base, queries)
+    forest = None if args.exact else Forest.load(index_dir / "index", metric=cfg.embed.metric, dim=base.dim)
     if forest is not None:
         forest.query(vector, k=1)  # compile/warm once so the timing below is the query alone
-    approx, truth = query.search(forest, base, vector, args.k, search_k, exclude, cfg["embed"]["metric"],
+    approx, truth = query.search(forest, base, vector, args.k, search_k, exclude, cfg.embed.metric,
                                  exact=args.exact or not args.approx_only)
     n_trees = forest.n_trees if forest is not None else "-"
     print(f"{args.dataset}: {args.text!r}  (index {index_dir.name}, {origin}, n_trees={n_trees}, "
@@ -334,7 +338,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     settings = _settings()
     for name in available_datasets(settings.config_dir()):
         cfg = load_config(name, settings.config_dir())
-        print(f"{name:<16} {cfg['dataset']['kind']:<10} {cfg['dataset']['description']}")
+        print(f"{name:<16} {cfg.kind:<10} {cfg.dataset.description}")
     return EXIT_OK
 
 
@@ -347,7 +351,7 @@ def _check_root(root) -> None:
         store.check(write=True)
 
 
-def _check_sources(cfg: dict, settings) -> None:
+def _check_sources(cfg: DatasetConfig, settings) -> None:
     """Every source can be fetched from somewhere: its URLs or the mirror (exit 2 before any work)."""
     from pipeline import config as config_module
 

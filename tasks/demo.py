@@ -30,8 +30,8 @@ def unreachable(dataset: str, mirror: str | None, config_dir: str | None = None,
     """
     cfg = load_config(dataset, config_dir)
     deadline = time.monotonic() + timeout
-    for name, src in cfg["sources"].items():
-        urls = candidate_urls(src["filename"], src["urls"], mirror or "", cfg["dataset"]["mirror_subdir"])
+    for name, src in cfg.sources.items():
+        urls = candidate_urls(src.filename, src.urls, mirror or "", cfg.dataset.mirror_subdir)
         reasons = []
         for url in urls:
             left = deadline - time.monotonic()
@@ -43,7 +43,7 @@ def unreachable(dataset: str, mirror: str | None, config_dir: str | None = None,
             tried = reasons[0] if reasons else "no URL and no mirror"
             more = f" (and {len(reasons) - 1} more URL(s) failed)" if len(reasons) > 1 else ""
             where = "" if mirror else "no mirror is set (GROVE_MIRROR), and "
-            return f"{where}nothing delivers {src['filename']} (sources.{name}): {tried}{more}"
+            return f"{where}nothing delivers {src.filename} (sources.{name}): {tried}{more}"
     return None
 
 

@@ -52,7 +52,7 @@ class DatedRecord(GroveTask):
         repaired = lifecycle.close_ledger(ledger)
         evaluate = task.output().ref
         results = read_results(artifacts.local_dir(evaluate))
-        record = lifecycle.judge(root, self.dataset, evaluate, results, self.cfg["gate"], str(self.date))
+        record = lifecycle.judge(root, self.dataset, evaluate, results, self.cfg.gate.as_dict(), str(self.date))
         record["repaired"] = repaired
         if task.pins:
             record["snapshot"] = snapshot.load_snapshot(root, self.dataset, self.date)["sources"]

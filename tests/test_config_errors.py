@@ -189,7 +189,7 @@ def test_a_good_config_of_each_kind_validates(env):
     """The base configs the bad cases start from are valid: each bad case fails for its one change."""
     for kind in BASE:
         cfg = config.load_config_file(write_config(env["configs"], f"good-{kind}", kind))
-        assert cfg["dataset"]["kind"] == kind
+        assert cfg.kind == kind
 
 
 @pytest.mark.parametrize("changes", [
@@ -204,14 +204,15 @@ def test_boundary_values_are_accepted(env, changes):
     cfg = config.load_config_file(write_config(env["configs"], "edge", **changes))
     for dotted, value in changes.items():
         section, key = dotted.rsplit(".", 1)
-        assert (cfg["sources"][section.split(".")[1]] if section.startswith("sources.") else cfg[section])[key] == value
+        table = cfg.sources[section.split(".")[1]] if section.startswith("sources.") else getattr(cfg, section)
+        assert table.as_dict()[key] == value
 
 
 def test_upper_case_checksums_are_normalised(env):
     path = write_config(env["configs"], "upper", **{"sources.test_images.sha256": SHA.upper(),
                                                     "sources.test_images.md5": MD5.upper()})
-    src = config.load_config_file(path)["sources"]["test_images"]
-    assert (src["sha256"], src["md5"]) == (SHA, MD5)
+    src = config.load_config_file(path).sources["test_images"]
+    assert (src.sha256, src.md5) == (SHA, MD5)
 
 
 # --- urls = [] and mirrors ----------------------------------------------------------------------
@@ -309,7 +310,7 @@ def test_idx_without_train_files_needs_both_left_out_and_a_holdout_split(env):
     both_gone = text.replace('train_images = "train_images"\n', "").replace('train_labels = "train_labels"\n', "")
     path.write_text(both_gone)
     cfg = config.load_config_file(path)
-    assert cfg["decode"]["train_images"] is None and set(cfg["sources"]) == {"test_images", "test_labels"}
+    assert cfg.decode.train_images is None and set(cfg.sources) == {"test_images", "test_labels"}
     path.write_text(both_gone.replace('method = "holdout"', 'method = "column"'))
     with pytest.raises(ConfigError, match=r"testonly\.toml: split\.method = 'column' needs train rows"):
         config.load_config_file(path)

@@ -143,8 +143,7 @@ def test_a_tiny_chain_writes_strict_results_shows_the_spread_and_progress(tiny_m
     assert exact_line[0] == "exact" and exact_line[-2:] == ["-", "-"] and exact_line[5].startswith("±")
 
     # evaluate.n_queries = 0 times every query
-    cfg = load_config("tinymnist", str(tiny_mnist["configs"]))
-    cfg["evaluate"]["n_queries"] = 0
+    cfg = load_config("tinymnist", str(tiny_mnist["configs"])).with_values({"evaluate.n_queries": 0})
     out = tmp_path / "evaluate0"
     out.mkdir()
     forest = sorted((root / "forest").glob("v*"))[0]

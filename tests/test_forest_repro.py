@@ -13,7 +13,6 @@ written out are one digest), and ``Forest.build`` / ``write_forest`` report prog
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import glob
 import hashlib
@@ -207,12 +206,10 @@ def test_leaf_size_zero_and_the_resolved_default_are_one_digest():
     from pipeline.stages import FORMATS, stage_params
 
     cfg = load_config("mnist")
-    assert cfg["forest"]["leaf_size"] == 0
+    assert cfg.forest.leaf_size == 0
 
     def digest(leaf_size, dim=784, metric="euclidean"):
-        c = copy.deepcopy(cfg)
-        c["forest"]["leaf_size"] = leaf_size
-        c["embed"]["metric"] = metric
+        c = cfg.with_values({"forest.leaf_size": leaf_size, "embed.metric": metric})
         params = stage_params(c, "forest", n_trees=50, dim=dim)
         return params, make_ref("/r", "mnist", "forest", FORMATS["forest"], params, {}).digest
 

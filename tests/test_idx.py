@@ -132,7 +132,7 @@ def _decode(cfg, fetched, tmp_path):
 
 def test_decode_with_the_labels_source_as_images_names_the_key_and_says_the_config_is_wrong(tmp_path):
     cfg, fetched, _ = _fetched_tiny(tmp_path)
-    cfg["decode"]["train_images"] = "train_labels"  # what a config with the two swapped says
+    cfg = cfg.with_values({"decode.train_images": "train_labels"})  # what a config with the two swapped says
     with pytest.raises(FormatError) as caught:
         _decode(cfg, fetched, tmp_path)
     message = str(caught.value)
@@ -151,7 +151,7 @@ def test_checksummed_corrupt_file_says_the_source_or_checksum_is_wrong(tmp_path)
         _decode(cfg, fetched, tmp_path)
     message = str(caught.value)
     assert "test-images.gz: the gzip stream is truncated or corrupt" in message
-    assert "decode.test_images = 'test_images'" in message and "in " + cfg["_path"] in message
+    assert "decode.test_images = 'test_images'" in message and "in " + cfg.path in message
     assert "passed its sha256 check, so fetching it again gives the same bytes: the config is wrong" in message
     assert "the URLs and sha256 of sources.test_images" in message
     assert "delete" not in message
@@ -183,7 +183,7 @@ def test_image_and_label_counts_that_differ_name_both_keys(tmp_path):
     write_idx(files["test_labels"], tiny_digits(9, seed=3)[1], compress=True)
     import hashlib
 
-    cfg["sources"]["test_labels"]["sha256"] = hashlib.sha256(files["test_labels"].read_bytes()).hexdigest()
+    cfg = cfg.with_values({"sources.test_labels.sha256": hashlib.sha256(files["test_labels"].read_bytes()).hexdigest()})
     with pytest.raises(FormatError, match=r"has 10 images but .*test-labels.gz has 9 labels.*decode\.test_images "
                                           r"and decode\.test_labels.*passed its sha256 check"):
         _decode(cfg, fetched, tmp_path)
@@ -201,7 +201,8 @@ def test_images_that_are_not_uint8_are_refused_not_wrapped(tmp_path):
 def test_test_files_alone_are_the_whole_dataset(tmp_path):
     """mnist-small: no train sources; the keys are the test files' own (test/0...)."""
     cfg, fetched, _ = _fetched_tiny(tmp_path)
-    cfg["decode"]["train_images"] = cfg["decode"]["train_labels"] = None
+    cfg = cfg.with_values({"decode.train_images": None, "decode.train_labels": None, "split.method": "holdout",
+                           "split.n_queries": 3})
     vectors, keys, labels, splits, meta = _decode(cfg, fetched, tmp_path)
     assert vectors.shape == (10, 784) and vectors.dtype == np.uint8
     assert keys == [f"test/{i}" for i in range(10)] and set(splits) == {"test"}

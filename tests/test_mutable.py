@@ -160,7 +160,7 @@ def test_mutable_config_errors(tiny_mnist):
     path.write_text(text)
     make_mutable(path)
     cfg = load_config("tinymnist")
-    assert cfg["sources"]["train_images"]["mutable"] and cfg["sources"]["train_images"]["sha256"] is None
+    assert cfg.sources["train_images"].mutable and cfg.sources["train_images"].sha256 is None
     with pytest.raises(ConfigError, match=r"sources train_images are mutable and this run has no snapshot"):
         stage_params(cfg, "fetch")
     with pytest.raises(ConfigError, match=r"sources\.test_images, which is not a mutable source"):
@@ -169,7 +169,7 @@ def test_mutable_config_errors(tiny_mnist):
         apply_pins(cfg, {"train_images": "abc"})
     pinned = apply_pins(cfg, {"train_images": "a" * 64})
     assert stage_params(pinned, "fetch")["train_images"]["sha256"] == "a" * 64
-    assert cfg["sources"]["train_images"]["sha256"] is None  # the loaded config is not changed
+    assert cfg.sources["train_images"].sha256 is None  # the loaded config is not changed
     with pytest.raises(ConfigError, match=r"no snapshot of them exists yet"):
         snapshot.latest_pins(tiny_mnist["root"], cfg)
 

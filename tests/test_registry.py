@@ -206,3 +206,25 @@ def test_empty_s3_settings_leave_aws_s3(grove_section, monkeypatch):
     s3 = artifacts.store_of(grove_section(s3_endpoint="", s3_region="").artifact_root())
     assert s3.endpoint_url is None and s3.region == "us-east-1"
     assert "AWS S3" in s3.describe()
+
+
+def test_only_the_layout_module_spells_the_names_inside_the_root():
+    """Every file and directory name grove gives inside the artifact root is a constant of
+    pipeline/layout.py; no other module of pipeline/ or tasks/ writes it out as a string literal (so a
+    renamed file cannot be missed by one reader)."""
+    import ast
+
+    from pipeline import layout
+
+    # file names (words such as "serving" or "evaluate" are also stage names, keys and commands)
+    names = {value for name, value in vars(layout).items() if name.isupper() and isinstance(value, str)
+             and "." in value.strip(".")}
+    assert {"items.arrow", "results.json", "manifest.json", "serving.log", "index.html"} <= names
+    spelled = []
+    for path in sorted([*(REPO / "pipeline").glob("*.py"), *(REPO / "tasks").glob("*.py")]):
+        if path.name == "layout.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in names:
+                spelled.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value!r}")
+    assert not spelled, "\n".join(spelled)

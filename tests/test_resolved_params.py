@@ -10,12 +10,12 @@ import pytest
 from luigi.execution_summary import LuigiStatusCode
 
 from pipeline import artifacts, evaluate, learned, stages
-from pipeline.config import load_config_file
+from pipeline.config import DatasetConfig, load_config_file
 
 PARENT = {"split": artifacts.ArtifactRef(Path("/r"), "x", "split", 2, "0" * 16)}
 
 
-def digest(cfg: dict, stage: str, **extra) -> str:
+def digest(cfg: DatasetConfig, stage: str, **extra) -> str:
     params = stages.stage_params(cfg, stage, **extra)
     return artifacts.make_ref("/r", "x", stage, stages.FORMATS[stage], params, PARENT).digest
 
@@ -26,7 +26,7 @@ def config(tiny_mnist):
     path = tiny_mnist["config"]
     base = path.read_text()
 
-    def write(extra: str = "", replace: tuple[str, str] | None = None) -> dict:
+    def write(extra: str = "", replace: tuple[str, str] | None = None) -> DatasetConfig:
         text = base if replace is None else base.replace(*replace)
         path.write_text(text + "\n" + extra)
         luigi.task_register.Register.clear_instance_cache()
@@ -35,11 +35,11 @@ def config(tiny_mnist):
     return write
 
 
-def with_evaluate(config, n_queries: int) -> dict:
+def with_evaluate(config, n_queries: int) -> DatasetConfig:
     return config(replace=("n_queries = 20", f"n_queries = {n_queries}"))
 
 
-def cnn(config, train: str = "") -> dict:
+def cnn(config, train: str = "") -> DatasetConfig:
     return config("[train]\n" + train, replace=('[embed]\nmetric = "euclidean"',
                                                  '[embed]\nmodel = "cnn"\nmetric = "angular"'))
 
@@ -122,14 +122,14 @@ def test_a_changed_embedding_batch_size_gives_a_new_digest(config, monkeypatch):
     cfg = cnn(config)
     before = digest(cfg, "embed")
     # embed.scale plays no part in a CNN embedding; in a pixel embedding it does.
-    assert digest({**cfg, "embed": {**cfg["embed"], "scale": 3.0}}, "embed") == before
+    assert digest(cfg.with_values({"embed.scale": 3.0}), "embed") == before
     pixels = config()
-    assert digest(pixels, "embed") != digest({**pixels, "embed": {**pixels["embed"], "scale": 3.0}}, "embed")
+    assert digest(pixels, "embed") != digest(pixels.with_values({"embed.scale": 3.0}), "embed")
     monkeypatch.setattr(learned, "EMBED_BATCH_SIZE", 128)
     assert digest(cfg, "embed") != before
 
 
-def test_the_embedding_batch_size_used_is_the_one_in_the_digest(monkeypatch):
+def test_the_embedding_batch_size_used_is_the_one_in_the_digest(config, monkeypatch):
     """The digest's batch size is what embed_with_model passes (a changed default changes both)."""
     import numpy as np
 
@@ -143,7 +143,7 @@ def test_the_embedding_batch_size_used_is_the_one_in_the_digest(monkeypatch):
     monkeypatch.setattr(learned, "EMBED_BATCH_SIZE", 7)
     items = VectorTable(np.zeros((2, 4), np.uint8), ["a", "b"], np.zeros(2, np.int32),
                         np.array(["train", "test"], dtype=object), {"image_shape": "[2, 2]"})
-    cfg = {"train": {"backbone": "small", "weights_path": "", "threads": 3}, "embed": {"metric": "angular"}}
+    cfg = cnn(config, "threads = 3\n")
     learned.embed_with_model(cfg, items, Path("unused"), None, 3, lambda f, m: None)
     assert seen == {"batch": 7, "threads": 3}
     assert learned.embed_params(cfg)["batch_size"] == 7 and learned.embed_params(cfg)["threads"] == 3
