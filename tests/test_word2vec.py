@@ -1,16 +1,20 @@
-"""Tests for pipeline.formats.word2vec: word2vec C binary/text files written here, byte by byte."""
+"""Tests for pipeline.formats.word2vec (word2vec C binary/text files written here, byte by byte) and for
+benchmarks/make_word2vec.py, the synthetic GoogleNews generator."""
 
 from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError, FormatError
-from pipeline.formats.word2vec import read_vectors_npy, read_word2vec
+import pipeline.formats.word2vec as w2v
+from pipeline.formats.word2vec import iter_word2vec, read_vectors_npy, read_word2vec, word2vec_header
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -294,3 +298,286 @@ def test_wrong_explicit_format_says_so(tmp_path):
     t = write(tmp_path, "v.txt", text_bytes(words, vectors))
     _raises(b, "not a text file: pass binary=None", binary=False)
     _raises(t, "binary=True but the first record is a text line", binary=True)
+
+
+# ---------------------------------------------------------------- iter_word2vec: streaming, same result
+
+def _iter_all(path, batch_rows=65536, **kw) -> tuple[list[str], np.ndarray]:
+    """Concatenate iter_word2vec's batches, checking each batch's shape, dtype and size."""
+    words, blocks = [], []
+    for batch_words, vectors in iter_word2vec(path, batch_rows=batch_rows, **kw):
+        assert isinstance(batch_words, list) and 1 <= len(batch_words) <= batch_rows
+        assert vectors.dtype == np.float32 and vectors.flags.c_contiguous
+        assert vectors.shape[0] == len(batch_words)
+        words += batch_words
+        blocks.append(vectors)
+    dim = word2vec_header(path)[1]
+    return words, np.concatenate(blocks) if blocks else np.empty((0, dim), np.float32)
+
+
+def _same(got, want) -> None:
+    assert got[0] == want[0]
+    assert got[1].shape == want[1].shape
+    assert got[1].view(np.uint32).tobytes() == want[1].view(np.uint32).tobytes()  # the same float32 bits
+
+
+def _files(tmp_path, words, vectors) -> dict[str, Path]:
+    raw = {"bin-newline.bin": binary_bytes(words, vectors), "bin.bin": binary_bytes(words, vectors, newline=False),
+           "text.txt": text_bytes(words, vectors)}
+    out = {}
+    for name, data in raw.items():
+        out[name] = write(tmp_path, name, data)
+        out[name + ".gz"] = write(tmp_path, name + ".gz", gzip.compress(data))
+        out[name + ".bz2"] = write(tmp_path, name + ".bz2", bz2.compress(data))
+    return out
+
+
+def test_iter_equals_read_word2vec(tmp_path, monkeypatch):
+    # ~170-byte records read in blocks of 1, 13 and 4096 bytes: words, spaces and vectors straddle
+    # block boundaries at every offset; batch sizes cut the rows elsewhere again.
+    words, vectors = _vocab(200, 40, seed=3)
+    vectors[5] = [1e-45, -0.0] * 20  # subnormals and negative zero keep their bits
+    for name, path in _files(tmp_path, words, vectors).items():
+        binary = not name.startswith("text")
+        for limit in (None, 1, 199, 1000):
+            want = read_word2vec(path, limit=limit)
+            assert len(want[0]) == min(limit or 200, 200)
+            for read_block in (1, 13, 4096, 1 << 23):
+                monkeypatch.setattr(w2v, "_READ_BLOCK", read_block)
+                for batch_rows in ((7,) if read_block == 1 else (1, 7, 64, 200, 100000)):
+                    _same(_iter_all(path, batch_rows=batch_rows, limit=limit), want)
+                _same(_iter_all(path, binary=binary, limit=limit, batch_rows=50), want)
+
+
+def test_iter_reads_text_values_as_gensim_does(tmp_path):
+    # Values gensim reads through Python's float: underscores, "infinity" spelled out, non-ASCII
+    # digits, decimals between two float32 (rounded to float64 first, then to float32) and values
+    # that are float32 only after rounding.
+    data = ("4 3\n"
+            "a 1_0 -0 .5\n"
+            "b 1.00000005960464477539062500001 3.4028235e38 1e-46\n"
+            "ß 0.1 ١٢ 7.\n"
+            "c\u00a0d 1 2 3\r\n").encode("utf-8")
+    path = write(tmp_path, "odd.txt", data)
+    want = read_word2vec(path)
+    assert want[0] == ["a", "b", "ß", "c\u00a0d"]
+    for batch_rows in (1, 2, 4):
+        _same(_iter_all(path, batch_rows=batch_rows), want)
+
+
+@pytest.mark.parametrize("batch_rows", [1, 2, 3, 100])
+def test_iter_drops_repeated_words_across_batches(tmp_path, caplog, batch_rows):
+    words = ["a", "b", "a", "c", "b", "b", "d", "\n\na", "e"]  # "\n\na" is "a" again: gensim strips leading newlines
+    vectors = np.arange(18, dtype=np.float32).reshape(9, 2)
+    path = write(tmp_path, "dup.bin", binary_bytes(words, vectors, newline=False))
+    want = read_word2vec(path)
+    assert want[0] == ["a", "b", "c", "d", "e"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _same(_iter_all(path, batch_rows=batch_rows), want)
+    assert "4 duplicate word(s) ignored, first occurrence kept (5 distinct words)" in caplog.text
+    # a batch of nothing but repeats is skipped, not yielded empty
+    assert [len(w) for w, _ in iter_word2vec(path, batch_rows=1)] == [1] * 5
+
+
+def test_iter_does_not_hold_the_file(tmp_path, monkeypatch):
+    import tracemalloc
+
+    monkeypatch.setattr(w2v, "_READ_BLOCK", 1 << 16)
+    words, vectors = _vocab(20000, 250, seed=4)  # 20 MB of vectors
+    path = write(tmp_path, "big.bin", binary_bytes(words, vectors))
+    tracemalloc.start()
+    try:
+        n = sum(len(w) for w, _ in iter_word2vec(path, batch_rows=200))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert n == 20000
+    # a batch is 200 KB and a read block 64 KB; the words seen so far (for repeats) are a few MB
+    assert peak < 8e6, f"peak {peak / 1e6:.1f} MB while reading 20 MB of vectors in batches of 200 KB"
+
+
+def test_word2vec_header(tmp_path):
+    words, vectors = _vocab(6, 5)
+    for name, path in _files(tmp_path, words, vectors).items():
+        assert word2vec_header(path) == (6, 5), name
+    with pytest.raises(FormatError, match="header"):
+        word2vec_header(write(tmp_path, "bad.bin", b"6 five\n"))
+    with pytest.raises(FileNotFoundError):
+        word2vec_header(tmp_path / "missing.bin")
+
+
+def test_iter_bad_arguments_fail_at_the_call(tmp_path):
+    words, vectors = _vocab(3, 4)
+    path = write(tmp_path, "v.bin", binary_bytes(words, vectors))
+    for batch_rows in (0, -1, 2.5, True, "8"):
+        with pytest.raises(ConfigError, match="batch_rows"):
+            iter_word2vec(path, batch_rows=batch_rows)
+    for limit in (0, -1, 2.5, "3", True):
+        with pytest.raises(ConfigError, match="limit"):
+            iter_word2vec(path, limit=limit)
+    with pytest.raises(ConfigError, match="binary"):
+        iter_word2vec(path, binary="yes")
+    with pytest.raises(FileNotFoundError):
+        iter_word2vec(tmp_path / "missing.bin")
+    with pytest.raises(FormatError, match="header"):  # before the first batch is asked for
+        iter_word2vec(write(tmp_path, "bad.bin", b"x y\n"))
+
+
+def _damaged_files(tmp_path) -> list[tuple[str, Path, dict]]:
+    """Malformed files of every kind read_word2vec diagnoses, with the arguments to read them."""
+    words, vectors = _vocab(3, 4)
+    big_words, big_vectors = _vocab(3000, 20, seed=2)
+    raw = binary_bytes(big_words, big_vectors)
+    gz_mid = bytearray(gzip.compress(raw))
+    gz_mid[len(gz_mid) // 2] ^= 0xFF
+    gz_crc = bytearray(gzip.compress(raw))
+    gz_crc[-6] ^= 1
+    bz = bytearray(bz2.compress(raw))
+    bz[len(bz) // 2] ^= 0xFF
+    nan = vectors.copy()
+    nan[1, 2], nan[2, 0] = np.nan, np.inf
+    cases = [
+        ("bad header", binary_bytes(words, vectors, header="x y\n"), "h.bin", {}),
+        ("header with three numbers", binary_bytes(words, vectors, header="3 4 5\n"), "h3.bin", {}),
+        ("empty", b"", "e.bin", {}),
+        ("fewer binary vectors", binary_bytes(words, vectors, header="5 4\n"), "few.bin", {}),
+        ("fewer text lines", text_bytes(words, vectors, header="5 4"), "few.txt", {}),
+        ("cut vector", binary_bytes(words, vectors)[:-5], "cut.bin", {"binary": True}),
+        ("cut word", binary_bytes(words, vectors, newline=False)[:-17], "cutw.bin", {}),
+        ("cut gzip", gzip.compress(raw)[:-40], "cut.bin.gz", {}),
+        ("gzip damaged mid-stream", bytes(gz_mid), "mid.bin.gz", {}),
+        ("gzip CRC", bytes(gz_crc), "crc.bin.gz", {}),
+        ("bz2 damaged", bytes(bz), "bad.bin.bz2", {}),
+        ("gzip without .gz", gzip.compress(raw), "gz.bin", {}),
+        ("non-numeric value", b"3 2\na 1 2\nb x 4\nc 5 6\n", "nan.txt", {}),
+        ("short text row", b"3 2\na 1 2\nb 3\nc 5 6\n", "short.txt", {}),
+        ("long text row", b"3 2\na 1 2\nb 3 4 5\nc 5 6\n", "long.txt", {}),
+        ("a wrong row count wins over an earlier bad value", b"3 2\na 1 2\nb x 4\nc 5\n", "both.txt", {}),
+        ("a bad UTF-8 word wins over a later bad value", b"3 2\n\xff 1 2\nb x 4\nc 5 6\n", "utf.txt", {}),
+        ("a bad value wins over an earlier NaN", b"3 2\na nan 2\nb 3 4\nc x 6\n", "nanx.txt", {}),
+        ("invalid UTF-8 word", b"2 3\n\xff\xfe " + vectors[0, :3].tobytes() + b"ok " + vectors[1, :3].tobytes(),
+         "utf.bin", {"binary": True}),
+        ("non-finite values", binary_bytes(words, nan), "inf.bin", {}),
+        ("non-finite then cut: the cut wins", binary_bytes(words, nan, header="4 4\n"), "infcut.bin", {}),
+        ("text without header", b"a 1 2\nb 3 4\n", "glove.txt", {}),
+        ("binary read as text", binary_bytes(words, vectors), "b.bin", {"binary": False}),
+        ("text read as binary", text_bytes(words, vectors), "t.txt", {"binary": True}),
+    ]
+    return [(what, write(tmp_path, name, data), kw) for what, data, name, kw in cases]
+
+
+@pytest.mark.parametrize("batch_rows", [1, 2, 65536])
+def test_iter_fails_as_read_word2vec_does(tmp_path, batch_rows):
+    for what, path, kw in _damaged_files(tmp_path):
+        with pytest.raises(FormatError) as want:
+            read_word2vec(path, **kw)
+        with pytest.raises(FormatError) as got:
+            _iter_all(path, batch_rows=batch_rows, **kw)
+        assert str(got.value) == str(want.value), what
+        assert str(path) in str(got.value)
+
+
+def test_iter_raises_the_first_bad_vectors_after_reading_to_the_end(tmp_path):
+    words, vectors = _vocab(10, 4)
+    vectors[3, 1] = np.nan
+    vectors[8, 0] = -np.inf
+    path = write(tmp_path, "inf.bin", binary_bytes(words, vectors))
+    batches = []
+    with pytest.raises(FormatError, match=r"2 vector\(s\) hold NaN or infinity.*row 3, word 'w3'"):
+        for batch in iter_word2vec(path, batch_rows=2):
+            batches.append(batch)
+    assert [w for b in batches for w in b[0]] == words[:2]  # nothing from the bad batch on
+
+
+def test_iter_reads_only_up_to_limit(tmp_path):
+    # only what is read is checked: damage after the limit goes unnoticed, as in read_word2vec
+    words, vectors = _vocab(5, 4)
+    vectors[4, 0] = np.nan
+    path = write(tmp_path, "v.bin", binary_bytes(words, vectors)[:-3])
+    _same(_iter_all(path, limit=4, batch_rows=3), read_word2vec(path, limit=4))
+
+
+# ---------------------------------------------------------------- the synthetic GoogleNews generator
+
+
+def _generator():
+    """benchmarks/make_word2vec.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+    import sys
+
+    if "make_word2vec" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "make_word2vec", Path(__file__).resolve().parents[1] / "benchmarks" / "make_word2vec.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["make_word2vec"] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["make_word2vec"]
+
+
+@pytest.mark.parametrize("gzip_level", [1, None])
+def test_generator_is_deterministic_and_reads_back(tmp_path, gzip_level):
+    gen = _generator()
+    suffix = ".bin.gz" if gzip_level else ".bin"
+    runs = {}
+    for name, seed, chunk_rows in (("a", 7, 16384), ("b", 7, 333), ("c", 8, 16384)):
+        res = gen.generate(tmp_path / name / f"w2v{suffix}", n=3000, dim=24, seed=seed, gzip_level=gzip_level,
+                           chunk_rows=chunk_rows)
+        runs[name] = res.path.read_bytes()
+        assert res.sha256 == hashlib.sha256(runs[name]).hexdigest()
+    assert runs["a"] == runs["b"]  # the chunk size changes no byte
+    assert runs["a"] != runs["c"]  # the seed does
+    assert not list((tmp_path / "a").glob(".*part*"))  # no temporary left
+
+    path = tmp_path / "a" / f"w2v{suffix}"
+    assert word2vec_header(path) == (3000, 24)
+    raw = gzip.decompress(runs["a"]) if gzip_level else runs["a"]
+    assert raw.startswith(b"3000 24\n</s> ") and len(raw) == len(b"3000 24\n") + 3000 * (1 + 24 * 4) + sum(
+        len(w.encode()) for w in read_word2vec(path)[0])  # no newline after a vector, as gensim writes
+    want = read_word2vec(path)
+    _same(_iter_all(path, batch_rows=1000), want)
+    words, vectors = want
+    assert len(words) == 3000  # every word distinct: nothing dropped
+    for w in ("chinese", "river", "chinese_river", "king", "queen", "The", "</s>"):
+        assert w in words
+    assert sum("_" in w for w in words) > 500 and all(w.isascii() and " " not in w for w in words)
+    norms = np.sqrt((vectors.astype(np.float64) ** 2).sum(axis=1))
+    assert 1.5 < np.median(norms) < 2.5 and norms.max() > 2 * np.percentile(norms, 90)  # long-tailed
+    # the phrase query of the README has its answer
+    unit = vectors / norms[:, None].astype(np.float32)
+    q = unit[words.index("chinese")] + unit[words.index("river")]
+    top = [words[i] for i in np.argsort(-(unit @ q))[:12]]
+    assert "chinese_river" in top, top
+
+
+def test_generator_config_is_the_packaged_one_reading_every_word(tmp_path):
+    from pipeline.config import load_config_file
+
+    gen = _generator()
+    res = gen.generate(tmp_path / "data" / "w.bin.gz", n=2000, dim=16, seed=0, config_dir=tmp_path / "cfg")
+    assert res.config == tmp_path / "cfg" / "word2vec-google-news-300.toml"
+    cfg = load_config_file(res.config)
+    packaged = load_config_file(Path(__file__).resolve().parents[1] / "configs" / "word2vec-google-news-300.toml")
+    source = cfg.sources["vectors"]
+    assert source.filename == "w.bin.gz" and source.urls == (res.path.as_uri(),)
+    assert source.sha256 == hashlib.sha256(res.path.read_bytes()).hexdigest()
+    assert cfg.decode.limit == 0 and packaged.decode.limit > 0
+    for section in ("embed", "train", "split", "exact", "forest", "evaluate", "gate"):
+        assert getattr(cfg, section) == getattr(packaged, section), section
+    assert (cfg.decode.vectors, cfg.decode.format) == (packaged.decode.vectors, packaged.decode.format)
+
+
+def test_generator_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "make_word2vec.py"
+    run = subprocess.run([sys.executable, str(script), "--n", "2000", "--dim", "16", "--no-gzip",
+                          "--out", str(tmp_path / "w.bin")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f"GROVE_CONFIGS={tmp_path / 'configs'} grove run word2vec-google-news-300" in run.stdout
+    assert "100.0%" in run.stderr  # progress
+    assert read_word2vec(tmp_path / "w.bin")[1].shape == (2000, 16)
+    bad = subprocess.run([sys.executable, str(script), "--n", "2000", "--dim", "16", "--gzip",
+                          "--out", str(tmp_path / "x.bin")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and ".gz" in bad.stderr and not (tmp_path / "x.bin").exists()
