@@ -1,10 +1,12 @@
 """Raw fetched files -> one items table per dataset kind.
 
 Each decoder takes the config, the fetch artifact's directory, a scratch directory and a progress
-callback, and returns ``(vectors, keys, labels, splits, meta)``: vectors (n, dim) uint8 or float32,
-keys list[str] of the dataset's own names for the items, labels int32 (n,) (-1 when none), splits
-list[str] ("train"/"test", or "" when the dataset has no split of its own), meta a dict for the
-table's schema metadata.
+callback, and returns a ``Decoded``: the rows' dimension, dtype and schema metadata, and the rows
+themselves as batches ``(vectors, keys, labels, splits)``: vectors (b, dim) uint8 or float32, keys
+list[str] of the dataset's own names for the items, labels int32 (b,) (None: -1, no label), splits
+list[str] ("train"/"test"; None: "", the dataset has no split of its own). A decoder that reads a
+large file yields many batches (word vectors: streamed, so the input is never held whole); the
+others one. ``pipeline.stages.write_decode`` writes the batches as they come.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Callable, TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Callable, Iterable, TYPE_CHECKING
 
 import numpy as np
 
@@ -24,8 +27,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Decoded = tuple[np.ndarray, list[str], np.ndarray, list[str], dict]
+Batch = tuple[np.ndarray, list[str], "np.ndarray | None", "list[str] | None"]
 Report = Callable[[float, str], None]
+
+
+@dataclass
+class Decoded:
+    """What a decoder read: ``batches`` yields the rows in order (see the module docstring)."""
+
+    dim: int
+    dtype: np.dtype
+    meta: dict
+    batches: Iterable[Batch]
+
+
+def _whole(vectors: np.ndarray, keys: list[str], labels: np.ndarray, splits: list[str], meta: dict) -> Decoded:
+    """All rows as one batch."""
+    return Decoded(int(vectors.shape[1]), vectors.dtype, meta, [(vectors, keys, labels, splits)])
 
 
 def _source_path(cfg: DatasetConfig, fetched: Path, source: str) -> Path:
@@ -67,7 +85,7 @@ def decode_idx(cfg: DatasetConfig, fetched: Path, scratch: Path, report: Report)
         splits.extend([split] * images.shape[0])
         shape = list(images.shape[1:])
         report((n + 1) / len(present), f"decoded {split}: {images.shape[0]} images")
-    return np.concatenate(parts), keys, np.concatenate(labels), splits, {"image_shape": shape, "source": "idx"}
+    return _whole(np.concatenate(parts), keys, np.concatenate(labels), splits, {"image_shape": shape, "source": "idx"})
 
 
 def _read_idx_source(cfg: DatasetConfig, fetched: Path, key: str, ndim: int) -> np.ndarray:
@@ -111,21 +129,35 @@ def _decode_error(cfg: DatasetConfig, fetched: Path, key: str, problem: str) -> 
 
 
 def decode_word2vec(cfg: DatasetConfig, fetched: Path, scratch: Path, report: Report) -> Decoded:
-    """Word vectors (word2vec binary/text through gensim, or npy + Parquet words) as float32 rows."""
-    from .formats.word2vec import read_vectors_npy, read_word2vec
+    """Word vectors as float32 rows, keys the words. A word2vec binary or text file is streamed in
+    batches (``iter_word2vec``: the words and bits gensim reads, never the whole file in memory);
+    the npy format (vectors + a Parquet table of words) is read whole."""
+    from .formats.word2vec import WORD2VEC_BATCH_ROWS, iter_word2vec, read_vectors_npy, word2vec_header
 
     d = cfg.decode
     vectors_path = _source_path(cfg, fetched, d.vectors)
     limit = d.limit or None
+    meta = {"source": d.format}
     report(0.0, f"reading word vectors from {vectors_path.name}")
     if d.format == "npy":
         words, vectors = read_vectors_npy(vectors_path, _source_path(cfg, fetched, d.words),
                                           column=d.words_column, limit=limit)
-    else:
-        binary = {"auto": None, "binary": True, "text": False}[d.format]
-        words, vectors = read_word2vec(vectors_path, binary=binary, limit=limit)
-    report(1.0, f"read {len(words)} words of dimension {vectors.shape[1]}")
-    return vectors, words, np.full(len(words), -1, np.int32), [""] * len(words), {"source": d.format}
+        report(1.0, f"read {len(words):,} words of dimension {vectors.shape[1]}")
+        return _whole(vectors, words, None, None, meta)
+    binary = {"auto": None, "binary": True, "text": False}[d.format]
+    n_words, dim = word2vec_header(vectors_path)
+    total = min(n_words, limit or n_words)
+    batches = iter_word2vec(vectors_path, binary=binary, limit=limit, batch_rows=WORD2VEC_BATCH_ROWS)
+
+    def rows() -> Iterable[Batch]:
+        done = 0
+        for words, vectors in batches:
+            done += len(words)
+            report(min(done / max(total, 1), 1.0), f"read {done:,} of {total:,} words")
+            yield vectors, words, None, None
+        report(1.0, f"read {done:,} words of dimension {dim}")
+
+    return Decoded(dim, np.dtype(np.float32), meta, rows())
 
 
 def decode_food101(cfg: DatasetConfig, fetched: Path, scratch: Path, report: Report) -> Decoded:
@@ -159,7 +191,7 @@ def decode_food101(cfg: DatasetConfig, fetched: Path, scratch: Path, report: Rep
                     ", ".join(path for path, _ in bad[:10]) + (" ..." if len(bad) > 10 else ""))
     meta = {"image_shape": [d.image_size, d.image_size, 3], "classes": list(chosen),
             "bad_files": [{"path": p, "reason": r} for p, r in bad], "source": "food101"}
-    return np.concatenate(parts), keys, np.asarray(labels, np.int32), splits, meta
+    return _whole(np.concatenate(parts), keys, np.asarray(labels, np.int32), splits, meta)
 
 
 DECODERS = {"idx": decode_idx, "word2vec": decode_word2vec, "food101": decode_food101}

@@ -46,7 +46,7 @@ from .layout import REPORT_HTML, REPORT_JSON, RESULTS_JSON, RESULTS_PARQUET, TIM
 from .decode import DECODERS
 from .exact import exact_neighbors, normalize_rows
 from .artifacts import location, read_manifest, ref_from_key, store_of, version_dir
-from .vectors import read_vectors, write_vectors
+from .vectors import VectorTableWriter, read_vectors, write_vectors
 
 if TYPE_CHECKING:
     from .config import DatasetConfig
@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Report = Callable[[float, str], None]
+
+
+EMBED_BLOCK_ROWS = 8192  # rows embed and split handle at a time (no byte depends on it)
 
 
 def _quiet(fraction: float, message: str) -> None:
@@ -203,10 +206,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def write_decode(cfg: DatasetConfig, fetched: Path, out: Path, report: Report = _quiet) -> dict:
-    """Read the raw files into one items table (``items.arrow``): uint8 pixels, or float32 word vectors."""
-    vectors, keys, labels, splits, meta = DECODERS[cfg.kind](cfg, fetched, out, report)
-    n = write_vectors(out / layout.ITEMS, vectors, keys, labels, splits, meta=meta)
-    return {"rows": {"items": n}, "dim": int(vectors.shape[1])}
+    """Read the raw files into one items table (``items.arrow``): uint8 pixels, or float32 word vectors,
+    written batch by batch as the decoder reads them (the bytes of one ``write_vectors`` call)."""
+    decoded = DECODERS[cfg.kind](cfg, fetched, out, report)
+    with VectorTableWriter(out / layout.ITEMS, decoded.dim, decoded.dtype, meta=decoded.meta) as writer:
+        for vectors, keys, labels, splits in decoded.batches:
+            writer.write_batch(vectors, keys, labels, splits)
+    return {"rows": {"items": writer.n}, "dim": decoded.dim}
 
 
 # --- embed ---------------------------------------------------------------------------------------
@@ -228,21 +234,26 @@ def write_embed(cfg: DatasetConfig, decoded: Path, out: Path, report: Report = _
         vectors = embed_with_model(cfg, items, trained / layout.MODEL_DIR, features, threads, scaled(report, 0.0, 0.95))
         meta["backbone"] = cfg.train.backbone
         meta["item_shape"] = meta.pop("image_shape", None)  # the rows are no longer images
+        report(0.95, f"writing {len(items):,} vectors")
+        n = write_vectors(out / layout.VECTORS, vectors, items.keys, items.labels, list(items.splits), meta=meta)
+        dim = int(vectors.shape[1])
     else:
-        vectors = np.empty(items.vectors.shape, dtype=np.float32)
-        step = 8192
+        # Block by block from the memory-mapped items into the writer: the vectors are never held whole.
         rate = Rate(len(items), "items")
-        for start in range(0, len(items), step):
-            block = items.vectors[start : start + step]
-            if emb.model == "normalized":
-                block = normalize_rows(block)
-            np.multiply(block, np.float32(emb.scale), out=vectors[start : start + step])
-            done = min(start + step, len(items))
-            report(0.9 * done / len(items), f"embedded {rate.message(done)}")
-    report(0.95, f"writing {len(items):,} vectors")
-    n = write_vectors(out / layout.VECTORS, vectors, items.keys, items.labels, list(items.splits), meta=meta)
-    report(1.0, f"embedded {n:,} items as {emb.model} vectors of dimension {vectors.shape[1]}")
-    return {"rows": {"vectors": n}, "dim": int(vectors.shape[1])}
+        dim = items.dim
+        with VectorTableWriter(out / layout.VECTORS, dim, np.float32, meta=meta) as writer:
+            for start in range(0, len(items), EMBED_BLOCK_ROWS):
+                stop = min(start + EMBED_BLOCK_ROWS, len(items))
+                block = items.vectors[start:stop]
+                if emb.model == "normalized":
+                    block = normalize_rows(block)
+                block = np.multiply(block, np.float32(emb.scale), dtype=np.float32)
+                writer.write_batch(block, items.keys[start:stop], items.labels[start:stop],
+                                   list(items.splits[start:stop]))
+                report(0.95 * stop / len(items), f"embedded {rate.message(stop)}")
+        n = writer.n
+    report(1.0, f"embedded {n:,} items as {emb.model} vectors of dimension {dim}")
+    return {"rows": {"vectors": n}, "dim": dim}
 
 
 # --- split ---------------------------------------------------------------------------------------
@@ -296,9 +307,13 @@ def write_split(cfg: DatasetConfig, embedded: Path, out: Path, report: Report = 
     base, queries = split_rows(table.splits, s.method, s.n_queries, s.seed)
     meta = {k: v for k, v in table.meta.items() if k != "dim"}
     for name, rows, filename in (("base", base, layout.BASE), ("queries", queries, layout.QUERIES)):
-        part = table.take(rows)
-        write_vectors(out / filename, part.vectors, part.keys, part.labels, list(part.splits), meta=meta)
-        report(0.5 if name == "base" else 1.0, f"wrote {name}: {len(rows)} rows")
+        # rows gathered block by block from the memory-mapped table: never a copy of the whole base
+        with VectorTableWriter(out / filename, table.dim, table.vectors.dtype, meta=meta) as writer:
+            for start in range(0, len(rows), EMBED_BLOCK_ROWS):
+                part = rows[start : start + EMBED_BLOCK_ROWS]
+                writer.write_batch(table.vectors[part], [table.keys[i] for i in part], table.labels[part],
+                                   list(table.splits[part]))
+        report(0.5 if name == "base" else 1.0, f"wrote {name}: {len(rows):,} rows")
     return {"rows": {"base": int(len(base)), "queries": int(len(queries))}}
 
 

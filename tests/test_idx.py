@@ -127,7 +127,9 @@ def _fetched_tiny(tmp_path, **damage):
 def _decode(cfg, fetched, tmp_path):
     from pipeline.decode import decode_idx
 
-    return decode_idx(cfg, fetched, tmp_path, lambda fraction, message: None)
+    decoded = decode_idx(cfg, fetched, tmp_path, lambda fraction, message: None)
+    [(vectors, keys, labels, splits)] = decoded.batches  # IDX files are read whole: one batch
+    return vectors, keys, labels, splits, decoded.meta
 
 
 def test_decode_with_the_labels_source_as_images_names_the_key_and_says_the_config_is_wrong(tmp_path):

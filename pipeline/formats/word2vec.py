@@ -371,8 +371,12 @@ def word2vec_header(path: str | Path) -> tuple[int, int]:
         return _parse_header(path, fin.readline())
 
 
+WORD2VEC_BATCH_ROWS = 65536  # rows a batch of iter_word2vec holds by default (300-d: 79 MB)
+
+
 def iter_word2vec(
-    path: str | Path, *, binary: bool | None = None, limit: int | None = None, batch_rows: int = 65536
+    path: str | Path, *, binary: bool | None = None, limit: int | None = None,
+    batch_rows: int = WORD2VEC_BATCH_ROWS
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Read a word2vec C binary or text file (optionally .gz/.bz2) in batches, without holding it.
 
