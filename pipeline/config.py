@@ -45,7 +45,7 @@ _HEX_DIGESTS = {name: re.compile(f"[0-9a-fA-F]{{{n}}}") for name, n in _DIGEST_L
 URL_FORMS = "https://<host>/..., http://<host>/..., file:///<absolute path>, package://<distribution>/<file>"
 MIRROR_SETTING = "GROVE_MIRROR or luigi.cfg [grove] mirror"
 
-KINDS = ("idx", "word2vec", "food101")
+KINDS = ("idx", "word2vec", "food101", "vectors")
 _REQUIRED = MISSING
 
 
@@ -129,9 +129,32 @@ class Food101Decode(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class VectorsDecode(Section):
+    """Your own vectors: a Parquet or Arrow IPC file with a key column and a vector column (and an
+    optional label column), or a ``.npy`` matrix beside an ids file. The format is read from the
+    file's first bytes; a source whose filename ends in ``.npy`` is a NumPy matrix and needs ``ids``."""
+
+    vectors: str = key(doc="source with the vectors: a Parquet or Arrow IPC file, or a .npy (n, dim) float "
+                           "matrix (its filename ends in .npy; then ids is required)")
+    ids: str | None = key(None, "source with the keys of a .npy vectors source, row by row: a UTF-8 text file "
+                                "with one key per line, or a Parquet/Arrow table with one column (or key_column, "
+                                "and label_column)")
+    queries: str | None = key(None, "source with your own query vectors, in the same form as vectors (unset: "
+                                    "queries are held out of the vectors, split.method = \"holdout\")")
+    query_ids: str | None = key(None, "source with the keys of a .npy queries source (as ids)")
+    key_column: str = key("key", "the column with each item's key: integers or strings, stored as strings; "
+                                 "unique across vectors and queries")
+    vector_column: str = key("vector", "the column with the vectors: a list or fixed-size list of numbers "
+                                       "(float16/32/64 or integers), one length; read as float32")
+    label_column: str | None = key(None, "an optional column of labels: integers >= 0, or strings (numbered in "
+                                         "sorted order, listed as `classes` in the metadata); null = no label")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Embed(Section):
-    model: str = key("pixels", "how items become vectors: raw pixels, word vectors scaled to unit length, or the "
-                               "CNN of [train]", choices=("pixels", "normalized", "cnn"))
+    model: str = key("pixels", "how items become vectors: raw pixels, the vectors as given (raw: a vectors "
+                               "dataset), vectors scaled to unit length, or the CNN of [train]",
+                     choices=("pixels", "raw", "normalized", "cnn"))
     metric: str = key("euclidean", "the distance the index and the ground truth use", choices=METRICS)
     scale: float = key(1.0, "vectors are multiplied by this", rule=lambda v: v > 0, allowed="a finite number > 0")
 
@@ -212,9 +235,11 @@ SECTIONS: dict[str, type[Section]] = {
     "dataset": DatasetSection, "embed": Embed, "train": Train, "split": Split, "exact": Exact,
     "forest": ForestSection, "evaluate": Evaluate, "gate": Gate,
 }
-DECODE_SECTIONS: dict[str, type[Section]] = {"idx": IdxDecode, "word2vec": Word2vecDecode, "food101": Food101Decode}
+DECODE_SECTIONS: dict[str, type[Section]] = {"idx": IdxDecode, "word2vec": Word2vecDecode, "food101": Food101Decode,
+                                             "vectors": VectorsDecode}
 _SOURCE_REFS = {"idx": ("train_images", "train_labels", "test_images", "test_labels"),
-                "word2vec": ("vectors", "words"), "food101": ("archive",)}
+                "word2vec": ("vectors", "words"), "food101": ("archive",),
+                "vectors": ("vectors", "ids", "queries", "query_ids")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -566,6 +591,61 @@ def _check_kind(cfg: DatasetConfig) -> None:
             raise ConfigError(f"{path}: decode.{key} = {name!r} is not a source; sources: {', '.join(cfg.sources)}")
     if cfg.kind == "word2vec" and d.format == "npy" and not d.words:
         raise ConfigError(f"{path}: decode.format = 'npy' needs decode.words naming the source with the words")
+    if cfg.kind == "vectors":
+        _check_vectors_kind(cfg)
+
+
+def is_npy_filename(filename: str) -> bool:
+    """Whether a vectors source is a NumPy matrix (its filename ends in .npy, any case)."""
+    return filename.lower().endswith(".npy")
+
+
+def _check_vectors_kind(cfg: DatasetConfig) -> None:
+    """The rules of a ``vectors`` dataset (the sources named are known to exist)."""
+    path, d, model, method = cfg.path, cfg.decode, cfg.embed.model, cfg.split.method
+    if model not in ("raw", "normalized"):
+        why = "images for a CNN" if model == "cnn" else "images"
+        raise ConfigError(f"{path}: embed.model = {model!r} is not allowed for a vectors dataset (it needs {why}"
+                          f"{'; it is the default' if 'model' not in cfg.raw.get('embed', {}) else ''}): set "
+                          "embed.model = 'raw' (the vectors as given, times embed.scale) or 'normalized' "
+                          "(scaled to unit length)")
+    if d.queries is not None and method != "column":
+        raise ConfigError(f"{path}: decode.queries = {d.queries!r} gives the queries, but split.method = "
+                          f"{method!r}: set split.method = 'column' (the queries file is the queries; "
+                          "split.n_queries = 0 keeps them all), or remove decode.queries to hold queries out")
+    if d.queries is None and method != "holdout":
+        raise ConfigError(f"{path}: split.method = {method!r} needs queries, and decode.queries is not set: "
+                          "set split.method = 'holdout' and split.n_queries (how many vectors are held out as "
+                          "queries), or name a source with your query vectors in decode.queries")
+    if d.queries is not None and d.queries == d.vectors:
+        raise ConfigError(f"{path}: decode.queries = {d.queries!r} is also decode.vectors: the queries must be "
+                          "another source (or leave decode.queries out to hold queries out of the vectors)")
+    for vectors_key, ids_key in (("vectors", "ids"), ("queries", "query_ids")):
+        name, ids = d[vectors_key], d[ids_key]
+        if name is None:
+            if ids is not None:
+                raise ConfigError(f"{path}: decode.{ids_key} = {ids!r} but decode.{vectors_key} is not set: "
+                                  f"name the .npy source in decode.{vectors_key}, or remove decode.{ids_key}")
+            continue
+        filename = cfg.sources[name].filename
+        if is_npy_filename(filename) and ids is None:
+            raise ConfigError(f"{path}: decode.{vectors_key} = {name!r} is a .npy matrix ({filename}), which holds "
+                              f"no keys: name a source with its keys in decode.{ids_key} (a text file with one key "
+                              "per line, or a one-column Parquet/Arrow table)")
+        if not is_npy_filename(filename) and ids is not None:
+            raise ConfigError(f"{path}: decode.{ids_key} = {ids!r} is only for a .npy {vectors_key} source, but "
+                              f"sources.{name}.filename = {filename!r} is not .npy (a Parquet or Arrow file holds "
+                              f"its keys in decode.key_column): remove decode.{ids_key}")
+    columns = {"key_column": d.key_column, "vector_column": d.vector_column, "label_column": d.label_column}
+    for name, column in columns.items():
+        if column is not None and not column.strip():
+            raise ConfigError(f"{path}: decode.{name} = {column!r} is not allowed: name a column")
+    given = [(name, column) for name, column in columns.items() if column is not None]
+    for i, (name, column) in enumerate(given):
+        for other, other_column in given[i + 1:]:
+            if column == other_column:
+                raise ConfigError(f"{path}: decode.{name} and decode.{other} are both {column!r}: each names "
+                                  "another column")
 
 
 def mutable_sources(cfg: DatasetConfig) -> list[str]:

@@ -42,6 +42,11 @@ _ACROSS = """## Rules across keys
 - `gate.n_trees` is 0 or one of `forest.n_trees`; `gate.search_k` is 0 or one of `evaluate.search_k`.
 - `embed.model = "cnn"` needs images (not `word2vec`) and `embed.metric = "angular"`.
 - `decode.format = "npy"` (word2vec) needs `decode.words`.
+- A `vectors` dataset: `embed.model` is `"raw"` or `"normalized"`; `decode.queries` set needs
+  `split.method = "column"` (the queries file is the queries), unset needs `split.method = "holdout"`;
+  `decode.queries` names another source than `decode.vectors`; a `.npy` source (its `filename` ends in
+  `.npy`) needs its ids (`decode.ids`, `decode.query_ids`), and only a `.npy` source takes them;
+  `key_column`, `vector_column` and `label_column` are non-empty and name different columns.
 """
 
 
@@ -74,13 +79,19 @@ def _table(cls: type[Section]) -> list[str]:
     return lines
 
 
+def _doc(cls: type[Section]) -> list[str]:
+    """The section's docstring as a paragraph (none for the one a dataclass makes up)."""
+    if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
+        return [" ".join(cls.__doc__.split()).replace("``", "`") + "\n"]
+    return []
+
+
 def reference() -> str:
     """CONFIG.md's text."""
     parts = [_INTRO]
     for name, cls in SECTIONS.items():
         parts.append(f"## [{name}]\n")
-        if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
-            parts.append(cls.__doc__.strip() + "\n")
+        parts.extend(_doc(cls))
         parts.append("\n".join(_table(cls)) + "\n")
         if name == "dataset":
             parts.append("## [sources.<name>]\n")
@@ -88,6 +99,7 @@ def reference() -> str:
             parts.append("\n".join(_table(Source)) + "\n")
             for kind in KINDS:
                 parts.append(f'## [decode] of kind = "{kind}"\n')
+                parts.extend(_doc(DECODE_SECTIONS[kind]))
                 parts.append("\n".join(_table(DECODE_SECTIONS[kind])) + "\n")
     parts.append(_ACROSS)
     return "\n".join(parts)

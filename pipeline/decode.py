@@ -11,11 +11,12 @@ others one. ``pipeline.stages.write_decode`` writes the batches as they come.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, Iterable, TYPE_CHECKING
+from typing import Callable, Iterable, Iterator, TYPE_CHECKING
 
 import numpy as np
 
@@ -194,4 +195,84 @@ def decode_food101(cfg: DatasetConfig, fetched: Path, scratch: Path, report: Rep
     return _whole(np.concatenate(parts), keys, np.asarray(labels, np.int32), splits, meta)
 
 
-DECODERS = {"idx": decode_idx, "word2vec": decode_word2vec, "food101": decode_food101}
+def decode_vectors(cfg: DatasetConfig, fetched: Path, scratch: Path, report: Report) -> Decoded:
+    """A user's own vectors (``pipeline.formats.vectors_file``: Parquet, Arrow IPC, or .npy with an
+    ids file) as float32 rows, keys as given (integers as decimal strings), labels int32 (string
+    labels numbered in sorted order, listed as ``classes`` in the metadata; -1: none).
+
+    With ``decode.queries`` the base rows are split ``train`` and the query rows ``test`` (a column
+    split takes them as the queries); without it the rows have no split (a holdout split). Both
+    files are opened and checked (columns, types, dimensions) before any row is read, then streamed
+    in batches. A FormatError names the file, the column, the ``decode.*`` key and source, and the fix.
+    """
+    from .formats.vectors_file import open_vector_file
+
+    d = cfg.decode
+    files = {}
+    for key, ids_key in (("vectors", "ids"), ("queries", "query_ids")):
+        if d[key] is None:
+            continue
+        ids = d[ids_key]
+        with _vectors_context(cfg, key, ids_key):
+            files[key] = open_vector_file(
+                _source_path(cfg, fetched, d[key]), key_column=d.key_column, vector_column=d.vector_column,
+                label_column=d.label_column, ids_path=None if ids is None else _source_path(cfg, fetched, ids),
+                need_labels=key == "vectors")
+    base, queries = files["vectors"], files.get("queries")
+    if queries is not None:
+        with _vectors_context(cfg, "queries", "query_ids"):
+            if queries.dim != base.dim:
+                raise FormatError(f"{queries.path}: the query vectors have dimension {queries.dim} but the vectors "
+                                  f"({base.path.name}) have {base.dim}: queries must have the vectors' dimension")
+            if queries.label_kind and queries.label_kind != base.label_kind:
+                kinds = {"int": "integers", "str": "strings"}
+                raise FormatError(f"{queries.keys_path}: the query labels ({d.label_column!r}) are "
+                                  f"{kinds[queries.label_kind]} but the vectors' are {kinds[base.label_kind]}: "
+                                  "write both the same way")
+    classes = None
+    if base.label_kind == "str":
+        with _vectors_context(cfg, "vectors", "ids"):
+            classes = sorted(base.string_labels() | (queries.string_labels() if queries else set()))
+    meta: dict = {"source": "vectors", "format": base.format}
+    if queries is not None:
+        meta["query_format"] = queries.format
+    if classes is not None:
+        meta["classes"] = classes
+    known = [f.n_rows for f in files.values()]
+    total = sum(known) if None not in known else None
+
+    def rows() -> Iterable[Batch]:
+        done = 0
+        base_keys: set[str] = set()
+        parts = [("vectors", "ids", base, "train", {})]
+        if queries is not None:
+            parts.append(("queries", "query_ids", queries, "test", {"other_keys": base_keys,
+                                                                  "other_name": str(base.keys_path.name)}))
+        for key, ids_key, file, split, other in parts:
+            with _vectors_context(cfg, key, ids_key):
+                for vectors, keys, labels in file.batches(classes, seen=base_keys if key == "vectors" else None,
+                                                          **other):
+                    done += len(keys)
+                    report(done / total if total else 0.0, f"read {done:,} of {total or '?'} vectors")
+                    yield vectors, keys, labels, None if queries is None else [split] * len(keys)
+        report(1.0, f"read {done:,} vectors of dimension {base.dim}")
+
+    return Decoded(base.dim, np.dtype(np.float32), meta, rows())
+
+
+@contextlib.contextmanager
+def _vectors_context(cfg: DatasetConfig, key: str, ids_key: str) -> Iterator[None]:
+    """A FormatError raised inside completed with where the file comes from in the config."""
+    try:
+        yield
+    except FormatError as exc:
+        d = cfg.decode
+        names = [(k, d[k]) for k in (key, ids_key) if d[k] is not None]
+        where = ", ".join(f"decode.{k} = {name!r}: sources.{name}, {cfg.sources[name].filename}" for k, name in names)
+        pinned = [f"sources.{name}.sha256" for _, name in names if not cfg.sources[name].mutable]
+        fix = f"; once the file is fixed, put its new sha256 in {' and '.join(pinned)}" if pinned else ""
+        raise FormatError(f"{exc} ({where}, in {cfg.path}{fix})") from exc
+
+
+DECODERS = {"idx": decode_idx, "word2vec": decode_word2vec, "food101": decode_food101,
+            "vectors": decode_vectors}

@@ -384,10 +384,12 @@ def embedding_quality(cfg: DatasetConfig, embedded: Path, split: Path, exact: Pa
         return evaluate_word_embedding(table.keys, table.vectors)
     base_labels = read_vectors(split / layout.BASE).labels
     query_labels = read_vectors(split / layout.QUERIES).labels
-    if (base_labels < 0).all():
+    labelled = query_labels >= 0
+    if (base_labels < 0).all() or not labelled.any():
         return {}
-    neighbors = np.load(exact / layout.NEIGHBORS, mmap_mode="r")[:, :10]
-    quality = {"label_precision_at_10": float((base_labels[neighbors] == query_labels[:, None]).mean())}
+    neighbors = np.load(exact / layout.NEIGHBORS, mmap_mode="r")[labelled, :10]
+    hits = base_labels[neighbors] == query_labels[labelled, None]
+    quality = {"label_precision_at_10": float(hits.mean())}
     train = read_manifest(embedded, verify="none")["parents"].get("train")
     if train:  # a learned embedding: its classifier's accuracy on the test split
         train_ref = ref_from_key(embedded.parents[2] if root is None else root, train)
