@@ -38,9 +38,9 @@ import numpy as np
 
 from . import __version__
 from . import _forest_kernels as _k
-from .download import file_digest
 from .errors import ConfigError, FormatError, IndexFormatError, IndexMismatchError
 from .exact import METRICS
+from .paths import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,7 @@ class Forest:
         n_threads: int = 1,
         split_dim: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        trees: list | None = None,
     ) -> "Forest":
         """Build a forest over ``vectors`` (n, dim), any real dtype (used as float32).
 
@@ -281,7 +282,47 @@ class Forest:
         ``_forest_kernels``), so it is byte-identical for any ``n_threads``, BLAS and CPU.
         ``progress(trees_built, n_trees)``, when given, is called from the calling thread as trees
         finish.
+
+        ``trees``: the n_trees trees already built, in order (the lists ``build_trees`` returns for
+        consecutive ranges, concatenated; ``load_trees`` reads them back): they are assembled
+        instead of built, into the arrays a build in one piece gives (tree t depends only on the
+        data and its own seed, so a forest is the same bytes however its trees were shared out).
         """
+        prep = cls._prepare(vectors, metric, n_trees, leaf_size, seed, n_threads, split_dim)
+        t0 = time.perf_counter()
+        if trees is None:
+            trees = cls._trees_of(prep, 0, int(n_trees), progress)
+        elif len(trees) != n_trees:
+            raise ConfigError(f"Forest.build: {len(trees)} prebuilt trees given for n_trees={n_trees}")
+        return cls._finish(prep, trees, t0)
+
+    @classmethod
+    def build_trees(
+        cls,
+        vectors: np.ndarray,
+        first: int,
+        last: int,
+        metric: str = "angular",
+        leaf_size: int | None = None,
+        seed: int = 0,
+        n_threads: int = 1,
+        split_dim: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list:
+        """Trees ``first`` .. ``last - 1`` of any forest over ``vectors`` with these parameters (the
+        first ``n_trees`` trees of a forest do not depend on ``n_trees``): one share of a build that
+        several tasks or machines split among them. ``save_trees``/``load_trees`` store them;
+        ``build(..., trees=...)`` assembles them. ``progress(done, last - first)``."""
+        if not (isinstance(first, (int, np.integer)) and isinstance(last, (int, np.integer)) and 0 <= first < last):
+            raise ConfigError(f"Forest.build_trees needs 0 <= first < last; got first={first!r}, last={last!r}")
+        prep = cls._prepare(vectors, metric, int(last), leaf_size, seed, n_threads, split_dim)
+        return cls._trees_of(prep, int(first), int(last), progress)
+
+    @staticmethod
+    def _prepare(vectors, metric, n_trees, leaf_size, seed, n_threads, split_dim) -> dict:
+        """Checks the arguments and computes what every tree reads (the rows as the kernels read
+        them, the split basis, the projected rows and their byte codes) and the first ``n_trees``
+        tree seeds."""
         if metric not in METRICS:
             raise ConfigError(f"unknown metric {metric!r}: expected one of {', '.join(METRICS)}")
         x = np.asarray(vectors)
@@ -313,36 +354,47 @@ class Forest:
                 f"{bad[0]}); clean or drop those rows first"
             )
         data = _prepare_vectors(x32, metric, threads)
-        n = data.shape[0]
-        code = _k.METRIC_CODES[metric]
+        # The seeds of trees 0..n_trees-1: a prefix of one stream, so tree t's seed (and so the tree)
+        # is the same in a forest of any size (tests/test_forest_shards.py checks it).
         tree_seeds = np.random.SeedSequence(int(seed)).generate_state(int(n_trees), dtype=np.uint64)
-        t0 = time.perf_counter()
         split_dim = resolved_build_params(x.shape[1], metric, leaf_size, split_dim)["split_dim"]
         basis = _split_basis(data, split_dim, int(seed)) if split_dim else None
         split_data = data if basis is None else _project(data, basis, threads)
         codes, code_scale, code_min = _k.byte_codes(split_data)
+        return {"dim": x.shape[1], "metric": metric, "n_trees": int(n_trees), "leaf_size": int(leaf_size),
+                "seed": int(seed), "threads": threads, "data": data, "basis": basis, "split_data": split_data,
+                "codes": codes, "code_scale": code_scale, "code_min": code_min, "tree_seeds": tree_seeds}
 
-        def one(t):
-            return _k.build_tree(split_data, codes, code_scale, code_min, code, int(leaf_size), tree_seeds[t],
-                                 _k.TWO_MEANS_ITERATIONS)
+    @staticmethod
+    def _trees_of(prep: dict, first: int, last: int, progress: Callable[[int, int], None] | None) -> list:
+        code = _k.METRIC_CODES[prep["metric"]]
 
-        trees = _build_trees(one, int(n_trees), threads, progress)
+        def one(i):
+            return _k.build_tree(prep["split_data"], prep["codes"], prep["code_scale"], prep["code_min"], code,
+                                 prep["leaf_size"], prep["tree_seeds"][first + i], _k.TWO_MEANS_ITERATIONS)
+
+        return _build_trees(one, last - first, prep["threads"], progress)
+
+    @classmethod
+    def _finish(cls, prep: dict, trees: list, t0: float) -> "Forest":
+        data, basis, n = prep["data"], prep["basis"], prep["data"].shape[0]
         arrays = cls._assemble(data, trees, n)
         if basis is None:
             arrays.update(_no_split(data.shape[1]))
         else:  # item codes: the projected rows as the query's lower bound reads them
-            arrays.update(split_basis=basis, item_codes=codes,
-                          code_coefs=np.stack([code_scale, code_min]).astype(np.float32))
+            arrays.update(split_basis=basis, item_codes=prep["codes"],
+                          code_coefs=np.stack([prep["code_scale"], prep["code_min"]]).astype(np.float32))
         for name in ("split_basis", "item_codes", "code_coefs"):
             arrays[name].flags.writeable = False
-        arrays["block_order"] = _block_order(data, metric)
+        arrays["block_order"] = _block_order(data, prep["metric"])
         arrays["block_order"].flags.writeable = False
         log.info(
             "built %d trees over %d x %d (%s, leaf_size %d) in %.2fs on %d threads: %d splits, %d leaves",
-            n_trees, n, x.shape[1], metric, leaf_size, time.perf_counter() - t0, threads,
-            arrays["planes"].shape[0], arrays["leaf_offsets"].shape[0] - 1,
+            prep["n_trees"], n, prep["dim"], prep["metric"], prep["leaf_size"], time.perf_counter() - t0,
+            prep["threads"], arrays["planes"].shape[0], arrays["leaf_offsets"].shape[0] - 1,
         )
-        return cls(arrays, dim=x.shape[1], metric=metric, n_trees=n_trees, leaf_size=leaf_size, seed=seed)
+        return cls(arrays, dim=prep["dim"], metric=prep["metric"], n_trees=prep["n_trees"],
+                   leaf_size=prep["leaf_size"], seed=prep["seed"])
 
     @staticmethod
     def _assemble(data: np.ndarray, trees: list, n: int) -> dict:
@@ -457,7 +509,7 @@ class Forest:
             a = np.ascontiguousarray(self._arrays[name], dtype=np.dtype(dtype))
             path = out / f"{name}.npy"
             np.save(path, a, allow_pickle=False)
-            files[name] = {"file": path.name, "shape": list(a.shape), "dtype": dtype, "sha256": file_digest(path)}
+            files[name] = {"file": path.name, "shape": list(a.shape), "dtype": dtype, "sha256": file_sha256(path)}
         header = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -513,7 +565,7 @@ class Forest:
             if not path.is_file():
                 raise IndexFormatError(f"{path}: file missing from the index directory; rebuild the index")
             if verify:
-                digest = file_digest(path)
+                digest = file_sha256(path)
                 if digest != spec.get("sha256"):
                     raise IndexFormatError(
                         f"{path}: sha256 is {digest}, header records {spec.get('sha256')}; "
@@ -600,8 +652,72 @@ def _check_structure(root: Path, header: dict, arrays: dict) -> None:
         raise IndexFormatError(f"{root / 'block_order.npy'}: not a permutation of 0..{order.shape[0] - 1}; "
                                "the file is corrupt: rebuild the index")
     # the query kernel relies on this (it reads child codes unchecked and sizes its heap by it)
-    if _k.check_structure(np.asarray(arrays["children"]), np.asarray(arrays["roots"]), n_leaves):
+    if not _forms_trees(np.asarray(arrays["children"]), np.asarray(arrays["roots"]), n_leaves):
         raise IndexFormatError(
             f"{root / 'children.npy'}, {root / 'roots.npy'}: the node codes do not form {t} trees over {s} split "
             f"nodes and {n_leaves} leaves (a code out of range, or a node with no or several parents); "
             "the file is corrupt: rebuild the index")
+
+
+def _forms_trees(children: np.ndarray, roots: np.ndarray, n_leaves: int) -> bool:
+    """Whether every child code in children (S, 2) int32 and roots (n_trees,) int32 is in range
+    (split node ``c >= 0`` below S, leaf ``-c - 1`` below n_leaves) and every split node and leaf
+    has exactly one parent (the roots being the parents of the tree tops).
+
+    numpy, not a compiled kernel: it runs on every ``Forest.load``, so in every command-line query,
+    where loading one more kernel from numba's cache cost about 45 ms of CPU (2 cores, 2026-11-30);
+    numpy's bincount over the n_trees + 2 S codes takes about 1 ms for GloVe's 50 trees (S = 30k).
+    """
+    n_splits = children.shape[0]
+    codes = np.concatenate([roots.reshape(-1), children.reshape(-1)]).astype(np.int64)
+    if codes.shape[0] != n_splits + n_leaves:  # one parent each needs exactly one code per node
+        return False
+    if codes.shape[0] and (codes.max() >= n_splits or codes.min() < -n_leaves):
+        return False
+    slots = np.where(codes >= 0, codes, n_splits - 1 - codes)  # leaf l = -c - 1 is slot n_splits + l
+    return bool(np.all(np.bincount(slots, minlength=n_splits + n_leaves) == 1))
+
+
+# --- trees built apart (one share of a build), stored between tasks --------------------------------
+
+# Per-tree arrays, concatenated over the trees of a share: (name, dtype, rows per tree from counts).
+_TREE_FIELDS = (("leaf_items", "int32"), ("planes", "int8"), ("plane_coefs", "float32"), ("children", "int32"),
+                ("leaf_offsets", "int64"))
+TREES_HEADER = "trees.json"
+
+
+def save_trees(trees: list, directory: str | os.PathLike) -> Path:
+    """Store trees ``Forest.build_trees`` returned in ``directory``: one .npy per field, the trees
+    concatenated, with ``counts.npy`` (rows of each field per tree) and ``roots.npy``; exact bits,
+    no pickle. ``load_trees`` reads them back."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = np.array([[tree[i].shape[0] for i in range(len(_TREE_FIELDS))] for tree in trees], dtype=np.int64)
+    for i, (name, dtype) in enumerate(_TREE_FIELDS):
+        parts = [np.asarray(tree[i], dtype=dtype) for tree in trees]
+        np.save(out / f"{name}.npy", np.concatenate(parts) if parts else np.empty(0, dtype), allow_pickle=False)
+    np.save(out / "counts.npy", counts, allow_pickle=False)
+    np.save(out / "roots.npy", np.array([tree[5] for tree in trees], dtype=np.int64), allow_pickle=False)
+    (out / TREES_HEADER).write_text(json.dumps({"format": FORMAT_NAME + "-trees", "n_trees": len(trees)}) + "\n")
+    return out
+
+
+def load_trees(directory: str | os.PathLike) -> list:
+    """The trees ``save_trees`` stored, as ``Forest.build_trees`` returned them. IndexFormatError
+    when the directory does not hold them whole."""
+    root = Path(directory)
+    try:
+        header = json.loads((root / TREES_HEADER).read_text())
+        counts = np.load(root / "counts.npy", allow_pickle=False)
+        roots = np.load(root / "roots.npy", allow_pickle=False)
+        fields = [np.load(root / f"{name}.npy", allow_pickle=False) for name, _ in _TREE_FIELDS]
+    except (OSError, ValueError) as exc:
+        raise IndexFormatError(f"{root}: not a directory of saved trees ({exc}); build that share again") from exc
+    n = int(header.get("n_trees", -1))
+    if counts.shape != (n, len(_TREE_FIELDS)) or roots.shape != (n,) or any(
+            f.shape[0] != int(counts[:, i].sum()) for i, f in enumerate(fields)):
+        raise IndexFormatError(f"{root}: the saved trees' arrays do not agree with counts.npy; build that share again")
+    ends = np.cumsum(counts, axis=0)
+    starts = ends - counts
+    return [tuple(fields[i][starts[t, i]:ends[t, i]] for i in range(len(_TREE_FIELDS))) + (int(roots[t]),)
+            for t in range(n)]

@@ -22,6 +22,7 @@ missing), and it runs, under the resolved digest, only once the parent exists.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -32,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, TYPE_CHECKING
+from typing import Any, Callable, Iterable, Iterator, Mapping, TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -40,13 +41,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import download, layout, learned, snapshot
-from .errors import ChecksumError, ConfigError
+from .errors import ArtifactError, ChecksumError, ConfigError
 from .evaluate import RESULT_KEYS, ROW_ID, directory_bytes, exact_baseline, read_results, sweep_forest  # noqa: F401
 from .layout import REPORT_HTML, REPORT_JSON, RESULTS_JSON, RESULTS_PARQUET, TIMINGS_JSON
 from .decode import DECODERS
 from .exact import exact_neighbors, normalize_rows
 from .artifacts import location, read_manifest, ref_from_key, store_of, version_dir
-from .vectors import VectorTableWriter, read_vectors, write_vectors
+from .vectors import VectorTable, VectorTableWriter, read_vectors, write_vectors
 
 if TYPE_CHECKING:
     from .config import DatasetConfig
@@ -56,7 +57,8 @@ log = logging.getLogger(__name__)
 Report = Callable[[float, str], None]
 
 
-EMBED_BLOCK_ROWS = 8192  # rows embed and split handle at a time (no byte depends on it)
+EMBED_BLOCK_ROWS = 8192  # rows embed and split handle at a time; embed shards start at multiples of it
+EXACT_QUERY_BLOCK = 512  # queries exact search handles at a time; exact shards start at multiples of it
 
 
 def _quiet(fraction: float, message: str) -> None:
@@ -136,6 +138,14 @@ def _forest_params(cfg: DatasetConfig, **context: Any) -> dict:
     dim = params.pop("dim", None)
     if dim is not None:
         params.update(resolved_build_params(int(dim), metric, f.leaf_size or None))
+    return params
+
+
+def _part_params(whole: Callable[..., dict]) -> Callable[..., dict]:
+    """A part's parameters: the whole stage's (with the context it takes) and the part's range."""
+    def params(cfg: DatasetConfig, first: int | None = None, last: int | None = None, **context: Any) -> dict:
+        return {**whole(cfg, **context), "first": first, "last": last}
+
     return params
 
 
@@ -219,41 +229,79 @@ def write_decode(cfg: DatasetConfig, fetched: Path, out: Path, report: Report = 
 
 
 def write_embed(cfg: DatasetConfig, decoded: Path, out: Path, report: Report = _quiet, trained: Path | None = None,
-                features: Path | None = None, threads: int = 1) -> dict:
+                features: Path | None = None, threads: int = 1, parts: list[Path] | None = None) -> dict:
     """Turn items into float32 vectors (``vectors.arrow``) with metric and model in the metadata:
-    scaled pixels, unit-length word vectors, or a trained CNN's bottleneck (``trained``)."""
-    from .progress import Rate, scaled
+    scaled pixels, unit-length word vectors, or a trained CNN's bottleneck (``trained``).
+
+    Written block by block from the memory-mapped items: the vectors are never held whole (a CNN's
+    are, as its batches are computed). ``parts``: the directories of ``embed-part`` versions covering
+    the items in order (``shards``): their vectors are written instead of computed, the same bytes."""
+    from .progress import Rate
 
     emb = cfg.embed
     items = read_vectors(decoded / layout.ITEMS)
     meta = {k: v for k, v in items.meta.items() if k != "dim"}
     meta.update(metric=emb.metric, model=emb.model)
     if emb.model == "cnn":
-        from .learned import embed_with_model
-
-        vectors = embed_with_model(cfg, items, trained / layout.MODEL_DIR, features, threads, scaled(report, 0.0, 0.95))
         meta["backbone"] = cfg.train.backbone
         meta["item_shape"] = meta.pop("image_shape", None)  # the rows are no longer images
-        report(0.95, f"writing {len(items):,} vectors")
-        n = write_vectors(out / layout.VECTORS, vectors, items.keys, items.labels, list(items.splits), meta=meta)
-        dim = int(vectors.shape[1])
+    if parts:
+        blocks = (np.load(p / layout.PART_VECTORS, mmap_mode="r") for p in parts)
     else:
-        # Block by block from the memory-mapped items into the writer: the vectors are never held whole.
-        rate = Rate(len(items), "items")
-        dim = items.dim
-        with VectorTableWriter(out / layout.VECTORS, dim, np.float32, meta=meta) as writer:
-            for start in range(0, len(items), EMBED_BLOCK_ROWS):
-                stop = min(start + EMBED_BLOCK_ROWS, len(items))
-                block = items.vectors[start:stop]
-                if emb.model == "normalized":
-                    block = normalize_rows(block)
-                block = np.multiply(block, np.float32(emb.scale), dtype=np.float32)
-                writer.write_batch(block, items.keys[start:stop], items.labels[start:stop],
-                                   list(items.splits[start:stop]))
-                report(0.95 * stop / len(items), f"embedded {rate.message(stop)}")
-        n = writer.n
-    report(1.0, f"embedded {n:,} items as {emb.model} vectors of dimension {dim}")
-    return {"rows": {"vectors": n}, "dim": dim}
+        blocks = _embedded(cfg, items, 0, len(items), trained, features, threads, report)
+    rate = Rate(len(items), "items")
+    dim = None
+    with contextlib.ExitStack() as stack:
+        done = 0
+        for block in blocks:
+            if dim is None:
+                dim = int(block.shape[1])
+                writer = stack.enter_context(VectorTableWriter(out / layout.VECTORS, dim, np.float32, meta=meta))
+            for start in range(0, len(block), EMBED_BLOCK_ROWS):
+                rows = np.asarray(block[start : start + EMBED_BLOCK_ROWS], dtype=np.float32)
+                stop = done + len(rows)
+                writer.write_batch(rows, items.keys[done:stop], items.labels[done:stop], list(items.splits[done:stop]))
+                done = stop
+                if parts:
+                    report(0.99 * done / len(items), f"wrote {rate.message(done)}")
+        if done != len(items):
+            raise ArtifactError(f"{out}: the embedding has {done} vectors for {len(items)} items; build it again")
+    report(1.0, f"embedded {done:,} items as {emb.model} vectors of dimension {dim}")
+    return {"rows": {"vectors": done}, "dim": dim}
+
+
+def write_embed_part(cfg: DatasetConfig, decoded: Path, out: Path, first: int, last: int, report: Report = _quiet,
+                     trained: Path | None = None, features: Path | None = None, threads: int = 1) -> dict:
+    """The vectors of items ``first`` .. ``last - 1`` (``vectors.npy`` float32): one share of an
+    embedding that ``shards`` splits into tasks. ``first`` is a multiple of ``EMBED_BLOCK_ROWS`` (and
+    so of the CNN's batch), so every row is computed as in the whole embedding."""
+    items = read_vectors(decoded / layout.ITEMS)
+    blocks = list(_embedded(cfg, items, first, last, trained, features, threads, report))
+    vectors = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    np.save(out / layout.PART_VECTORS, np.ascontiguousarray(vectors, dtype=np.float32))
+    return {"rows": {"vectors": int(vectors.shape[0])}, "dim": int(vectors.shape[1])}
+
+
+def _embedded(cfg: DatasetConfig, items: VectorTable, first: int, last: int, trained: Path | None,
+              features: Path | None, threads: int, report: Report) -> Iterator[np.ndarray]:
+    """float32 blocks of the vectors of items ``first`` .. ``last - 1``, in order."""
+    from .progress import Rate, scaled
+
+    emb = cfg.embed
+    if emb.model == "cnn":
+        from .learned import embed_with_model
+
+        part = items if (first, last) == (0, len(items)) else items.take(np.arange(first, last))
+        yield embed_with_model(cfg, part, trained / layout.MODEL_DIR, features, threads, scaled(report, 0.0, 0.95))
+        return
+    rate = Rate(last - first, "items")
+    for start in range(first, last, EMBED_BLOCK_ROWS):
+        stop = min(start + EMBED_BLOCK_ROWS, last)
+        block = items.vectors[start:stop]
+        if emb.model == "normalized":
+            block = normalize_rows(block)
+        yield np.multiply(block, np.float32(emb.scale), dtype=np.float32)
+        report(0.95 * (stop - first) / (last - first), f"embedded {rate.message(stop - first)}")
 
 
 # --- split ---------------------------------------------------------------------------------------
@@ -320,17 +368,38 @@ def write_split(cfg: DatasetConfig, embedded: Path, out: Path, report: Report = 
 # --- exact ---------------------------------------------------------------------------------------
 
 
-def write_exact(cfg: DatasetConfig, split: Path, out: Path, report: Report = _quiet) -> dict:
-    """Ground truth: ``neighbors.npy`` int64 (nq, k) and ``distances.npy`` float32 (nq, k)."""
+def write_exact(cfg: DatasetConfig, split: Path, out: Path, report: Report = _quiet,
+                parts: list[Path] | None = None) -> dict:
+    """Ground truth: ``neighbors.npy`` int64 (nq, k) and ``distances.npy`` float32 (nq, k).
+
+    ``parts``: the directories of ``exact-part`` versions covering the queries in order (``shards``):
+    their rows are concatenated instead of searched, the same bytes (``write_exact_part``)."""
+    from .progress import Rate, format_duration
+
+    if parts:
+        ids = np.concatenate([np.load(p / layout.NEIGHBORS, mmap_mode="r") for p in parts])
+        dists = np.concatenate([np.load(p / layout.DISTANCES, mmap_mode="r") for p in parts])
+        np.save(out / layout.NEIGHBORS, ids)
+        np.save(out / layout.DISTANCES, dists)
+        report(1.0, f"exact search: {len(ids):,} queries from {len(parts)} parts")
+        return {"rows": {"queries": int(ids.shape[0]), "k": int(ids.shape[1])}, "metrics": {"parts": len(parts)}}
+    return write_exact_part(cfg, split, out, 0, None, report)
+
+
+def write_exact_part(cfg: DatasetConfig, split: Path, out: Path, first: int, last: int | None,
+                     report: Report = _quiet) -> dict:
+    """Ground truth of queries ``first`` .. ``last - 1`` (None: to the end). Queries are searched in
+    blocks of ``EXACT_QUERY_BLOCK`` from ``first`` (a multiple of it, see ``shards``), the blocks a
+    whole search makes, so the rows are the same bytes as the whole search's."""
     from .progress import Rate, format_duration
 
     base = read_vectors(split / layout.BASE).vectors
-    queries = read_vectors(split / layout.QUERIES).vectors
+    queries = read_vectors(split / layout.QUERIES).vectors[first:last]
     k = cfg.exact.k
     started = time.perf_counter()
     rate = Rate(len(queries), "queries")
     report(0.0, f"exact search: {len(queries):,} queries against {len(base):,} vectors, k={k}")
-    ids, dists = exact_neighbors(base, queries, k, cfg.embed.metric,
+    ids, dists = exact_neighbors(base, queries, k, cfg.embed.metric, query_block=EXACT_QUERY_BLOCK,
                                  progress=lambda d, t: report(0.99 * d / t, f"exact search {rate.message(d)}"))
     np.save(out / layout.NEIGHBORS, ids)
     np.save(out / layout.DISTANCES, dists)
@@ -343,19 +412,24 @@ def write_exact(cfg: DatasetConfig, split: Path, out: Path, report: Report = _qu
 
 
 def write_forest(cfg: DatasetConfig, split: Path, out: Path, n_trees: int, n_threads: int = 1,
-                 report: Report = _quiet) -> dict:
+                 report: Report = _quiet, parts: list[Path] | None = None) -> dict:
     """Build the index over the base (``index/``) and map its item ids to keys (``items.arrow``).
 
-    The build uses the resolved parameters of ``stage_params`` (the ones the digest hashes)."""
-    from .forest import Forest  # numba compiles on first use; import only where it is needed
+    The build uses the resolved parameters of ``stage_params`` (the ones the digest hashes).
+    ``parts``: the directories of ``forest-part`` versions holding trees 0..n_trees-1 in order
+    (``shards``): their trees are assembled instead of built, into the same bytes."""
+    from .forest import Forest, load_trees  # numba compiles on first use; import only where it is needed
 
     base = read_vectors(split / layout.BASE)
     params = stage_params(cfg, "forest", n_trees=n_trees, dim=base.dim)
-    report(0.0, f"building {n_trees} trees over {len(base)} vectors")
+    trees = [tree for part in parts for tree in load_trees(part / layout.TREES_DIR)] if parts else None
+    report(0.0, f"building {n_trees} trees over {len(base)} vectors" if trees is None
+           else f"assembling {n_trees} trees from {len(parts)} parts over {len(base)} vectors")
     started = time.perf_counter()
     forest = Forest.build(base.vectors, metric=params["metric"], n_trees=n_trees, leaf_size=params["leaf_size"],
                           seed=params["seed"], n_threads=n_threads, split_dim=params["split_dim"] or None,
-                          progress=lambda done, total: report(done / total, f"built {done}/{total} trees"))
+                          progress=lambda done, total: report(done / total, f"built {done}/{total} trees"),
+                          trees=trees)
     build_seconds = time.perf_counter() - started
     forest.save(out / layout.INDEX_DIR)
     table = pa.table({"id": pa.array(np.arange(len(base), dtype=np.int64)),
@@ -368,15 +442,52 @@ def write_forest(cfg: DatasetConfig, split: Path, out: Path, n_trees: int, n_thr
                         "leaf_size": int(forest.leaf_size), "build_threads": int(n_threads)}}
 
 
+def write_forest_part(cfg: DatasetConfig, split: Path, out: Path, first: int, last: int, n_threads: int = 1,
+                      report: Report = _quiet) -> dict:
+    """Trees ``first`` .. ``last - 1`` of the dataset's forests (``trees/``; ``Forest.build_trees``):
+    one share of a forest that ``shards`` splits into tasks. Tree t is the same in a forest of any
+    size, so a part serves every forest that holds those trees."""
+    from .forest import Forest, save_trees
+
+    base = read_vectors(split / layout.BASE)
+    params = stage_params(cfg, "forest", n_trees=last, dim=base.dim)
+    report(0.0, f"building trees {first}..{last - 1} over {len(base)} vectors")
+    started = time.perf_counter()
+    trees = Forest.build_trees(base.vectors, first, last, metric=params["metric"], leaf_size=params["leaf_size"],
+                               seed=params["seed"], n_threads=n_threads, split_dim=params["split_dim"] or None,
+                               progress=lambda done, total: report(done / total, f"built {done}/{total} trees"))
+    save_trees(trees, out / layout.TREES_DIR)
+    seconds = time.perf_counter() - started
+    report(1.0, f"built trees {first}..{last - 1} in {seconds:.1f} s")
+    return {"rows": {"trees": last - first}, "metrics": {"build_seconds": round(seconds, 3)}}
+
+
+# --- shards: one stage's work split into tasks for several workers --------------------------------
+
+
+def shard_ranges(n: int, shards: int, align: int = 1) -> list[tuple[int, int]]:
+    """``[(first, last), ...]``: 0..n split into at most ``shards`` consecutive ranges of near-equal
+    size, each starting at a multiple of ``align`` (the block a stage works in, so that a shard
+    computes exactly what the whole computes). Fewer ranges when there is too little to split."""
+    if n <= 0:
+        return []
+    units = -(-n // align)
+    shards = max(1, min(int(shards), units))
+    cuts = [align * (units * i // shards) for i in range(shards)] + [n]
+    return [(a, min(b, n)) for a, b in zip(cuts, cuts[1:]) if a < min(b, n)]
+
+
 # --- evaluate ------------------------------------------------------------------------------------
 
 
 def embedding_quality(cfg: DatasetConfig, embedded: Path, split: Path, exact: Path,
                       root: str | os.PathLike | None = None) -> dict:
     """How good the embedding itself is: word similarity and analogies for word vectors; for labelled
-    items, label precision@10 (the share of each query's 10 exact nearest base items with its label)
-    and, for a trained CNN, its classifier's test accuracy (from the train version's manifest under
-    the artifact ``root``; default: the root that holds the local directory ``embedded``)."""
+    items, label precision@10 (the share of each labelled query's 10 exact nearest base items with
+    its label) and, for a trained CNN, its classifier's test accuracy (from the train version's
+    manifest under the artifact ``root``; default: the root that holds the local directory
+    ``embedded``). A measure that does not apply is left out: {} for unlabelled items (a ``vectors``
+    dataset without labels, or whose queries have none)."""
     if cfg.kind == "word2vec":
         from .wordeval import evaluate_word_embedding
 
@@ -617,10 +728,17 @@ register(Stage("train", 2, _train_params, _late(learned, 'write_train'), files=(
                uses=lambda cfg: ("decode", "features") if learned.pretrained(cfg) else ("decode",)))
 register(Stage("embed", 2, _embed_params, _late(_here, 'write_embed'), files=(layout.VECTORS,),
                parents=("decode", "train", "features"), uses=_embed_uses))
+register(Stage("embed-part", 1, _part_params(_embed_params), _late(_here, 'write_embed_part'),
+               files=(layout.PART_VECTORS,), parents=("decode", "train", "features"), context=("first", "last"),
+               uses=_embed_uses))
 register(Stage("split", 2, _split_params, _late(_here, 'write_split'), files=(layout.BASE, layout.QUERIES),
                parents=("embed",), context=("test_rows",)))
+register(Stage("exact-part", 1, _part_params(_exact_params), _late(_here, 'write_exact_part'),
+               files=(layout.NEIGHBORS, layout.DISTANCES), parents=("split",), context=("first", "last")))
 register(Stage("exact", 2, _exact_params, _late(_here, 'write_exact'), files=(layout.NEIGHBORS, layout.DISTANCES),
                parents=("split",)))
+register(Stage("forest-part", 1, _part_params(_forest_params), _late(_here, 'write_forest_part'),
+               files=(layout.TREES_DIR,), parents=("split",), context=("first", "last", "dim")))
 register(Stage("forest", 3, _forest_params, _late(_here, 'write_forest'), files=(layout.INDEX_DIR, layout.ITEMS),
                parents=("split",), context=("n_trees", "dim")))
 register(Stage("evaluate", 2, _evaluate_params, _late(_here, 'write_evaluate'),

@@ -13,6 +13,7 @@ import luigi
 
 from pipeline import artifacts, stages, store
 from pipeline.config import DatasetConfig, apply_pins, load_config
+from pipeline.errors import ConfigError
 
 from . import settings
 
@@ -63,6 +64,9 @@ class grove(luigi.Config):
     s3_region = luigi.Parameter(default="", significant=False,
                                 description="region of an s3:// root (AWS_REGION wins)")
 
+    shards = luigi.IntParameter(default=1, significant=False,
+                                description="tasks that the embedding, the exact search and each forest are "
+                                            "split into, for several workers (GROVE_SHARDS; changes no byte)")
     verbose = luigi.BoolParameter(default=False, significant=False,
                                   description="print Luigi's chatter and tracebacks on the terminal (GROVE_VERBOSE)")
 
@@ -92,6 +96,18 @@ class grove(luigi.Config):
     def rebuild_list(self) -> list[str]:
         names = os.environ.get("GROVE_REBUILD_DATASETS") or self.rebuild_datasets
         return [n.strip() for n in names.split(",") if n.strip()]
+
+    def shard_count(self) -> int:
+        """GROVE_SHARDS, else ``[grove] shards``: how many tasks Embed, Exact and Forest split into (1 =
+        none). An operational knob: the published versions are the same bytes for any value."""
+        value = os.environ.get("GROVE_SHARDS") or self.shards or 1
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ConfigError(f"GROVE_SHARDS / luigi.cfg [grove] shards = {value!r}: it must be a whole number >= 1")
+        return n
 
     def thread_count(self) -> int:
         n = int(os.environ.get("GROVE_THREADS") or self.threads or 0)

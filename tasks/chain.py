@@ -122,15 +122,74 @@ class Train(GroveTask):
         return self.spec.write(self.cfg, self.parent_path("decode"), features, tmp, checkpoints, self.report)
 
 
-class Embed(GroveTask):
+class Sharded(GroveTask):
+    """A stage whose work ``[grove] shards`` (GROVE_SHARDS) splits into part tasks over ranges (rows,
+    queries or trees), which luigid hands to any worker; the stage then assembles its version from
+    the parts' versions, the bytes it would compute in one piece. The parts are dynamic dependencies
+    (yielded by ``run``): their ranges need the size of what the parents built."""
+
+    part_class: type[GroveTask]
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The parts' ``(first, last)``; [] when the work stays in one task."""
+        raise NotImplementedError
+
+    def part_tasks(self) -> list[GroveTask]:
+        return [self.clone(self.part_class, first=a, last=b) for a, b in self.ranges()]
+
+    def part_dirs(self) -> list[Path] | None:
+        parts = self.part_tasks()
+        return [artifacts.local_dir(task.output().ref) for task in parts] or None
+
+    def run(self):
+        parts = self.part_tasks()
+        return self._run_after(parts) if parts else super().run()
+
+    def _run_after(self, parts: list[GroveTask]):
+        yield parts  # luigi runs them (on any worker) and then resumes here
+        super().run()
+
+
+class Part(GroveTask):
+    """One range of a sharded stage's work (see ``Sharded``)."""
+
+    first = luigi.IntParameter(description="first row, query or tree of this part")
+    last = luigi.IntParameter(description="one past the last")
+
+    def stage_context(self):
+        return {"first": self.first, "last": self.last}
+
+
+class EmbedPart(Part):
+    stage = "embed-part"
+
+    def write(self, tmp: Path):
+        refs = self.parent_refs()
+        return self.spec.write(self.cfg, self.parent_path("decode"), tmp, self.first, self.last, self.report,
+                               trained=self.parent_path("train") if "train" in refs else None,
+                               features=self.parent_path("features") if "features" in refs else None,
+                               threads=self.cfg.train.threads)
+
+
+class Embed(Sharded):
     stage = "embed"
+    part_class = EmbedPart
+
+    def ranges(self):
+        shards = grove().shard_count()
+        if shards == 1:
+            return []
+        decode = self.clone(Decode).output().ref
+        rows = artifacts.read_manifest(decode, verify="none")["rows"]["items"]
+        return stages.shard_ranges(rows, shards, stages.EMBED_BLOCK_ROWS)
 
     def write(self, tmp: Path):
         refs = self.parent_refs()
         return self.spec.write(self.cfg, self.parent_path("decode"), tmp, self.report,
-                                  trained=self.parent_path("train") if "train" in refs else None,
-                                  features=self.parent_path("features") if "features" in refs else None,
-                                  threads=self.cfg.train.threads)  # significant: torch's results depend on it
+                               trained=self.parent_path("train") if "train" in refs else None,
+                               features=self.parent_path("features") if "features" in refs else None,
+                               threads=self.cfg.train.threads,  # significant: torch's results depend on it
+                               parts=self.part_dirs())
 
 
 class Split(GroveTask):
@@ -150,29 +209,65 @@ class Split(GroveTask):
         return self.spec.write(self.cfg, self.parent_path("embed"), tmp, self.report)
 
 
-class Exact(GroveTask):
-    stage = "exact"
+class ExactPart(Part):
+    stage = "exact-part"
 
     def write(self, tmp: Path):
-        return self.spec.write(self.cfg, self.parent_path("split"), tmp, self.report)
+        return self.spec.write(self.cfg, self.parent_path("split"), tmp, self.first, self.last, self.report)
 
 
-class Forest(GroveTask):
-    stage = "forest"
-    n_trees = luigi.IntParameter(description="number of trees of this index")
+class Exact(Sharded):
+    stage = "exact"
+    part_class = ExactPart
+
+    def ranges(self):
+        shards = grove().shard_count()
+        if shards == 1:
+            return []
+        queries = artifacts.read_manifest(self.clone(Split).output().ref, verify="none")["rows"]["queries"]
+        return stages.shard_ranges(queries, shards, stages.EXACT_QUERY_BLOCK)
+
+    def write(self, tmp: Path):
+        return self.spec.write(self.cfg, self.parent_path("split"), tmp, self.report, parts=self.part_dirs())
+
+
+def _vector_dim(task: GroveTask) -> int | None:
+    """The width of the vectors an index is built over (the embed stage's manifest records it), None
+    while they are not built: a forest's digest is then provisional (see stages.stage_params)."""
+    embed = task.clone(Embed).output().ref
+    return artifacts.read_manifest(embed, verify="none").get("dim") if embed.exists() else None
+
+
+class ForestPart(Part):
+    stage = "forest-part"
 
     def stage_context(self):
-        return {"n_trees": self.n_trees, "dim": self.vector_dim()}
+        return {**super().stage_context(), "dim": _vector_dim(self)}
 
-    def vector_dim(self) -> int | None:
-        """The width of the vectors the index is built over (the embed stage's manifest records it),
-        None while they are not built: the digest is then provisional (see stages.stage_params)."""
-        embed = self.clone(Embed).output().ref
-        return artifacts.read_manifest(embed, verify="none").get("dim") if embed.exists() else None
+    def write(self, tmp: Path):
+        return self.spec.write(self.cfg, self.parent_path("split"), tmp, self.first, self.last,
+                               grove().thread_count(), self.report)
+
+
+class Forest(Sharded):
+    stage = "forest"
+    n_trees = luigi.IntParameter(description="number of trees of this index")
+    part_class = ForestPart
+
+    def stage_context(self):
+        return {"n_trees": self.n_trees, "dim": _vector_dim(self)}
+
+    def ranges(self):
+        shards = grove().shard_count()
+        return [] if shards == 1 else stages.shard_ranges(self.n_trees, shards)
+
+    def part_tasks(self):
+        # a part names trees, not forests: n_trees is not one of its parameters
+        return [ForestPart(dataset=self.dataset, pins=self.pins, first=a, last=b) for a, b in self.ranges()]
 
     def write(self, tmp: Path):
         return self.spec.write(self.cfg, self.parent_path("split"), tmp, self.n_trees,
-                                   grove().thread_count(), self.report)
+                               grove().thread_count(), self.report, parts=self.part_dirs())
 
 
 class Evaluate(GroveTask):

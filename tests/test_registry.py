@@ -93,7 +93,8 @@ def test_digests_are_unchanged(key):
 
 def test_registry_shape():
     names = stages.STAGE_NAMES
-    assert names == ("fetch", "decode", "features", "train", "embed", "split", "exact", "forest", "evaluate")
+    assert names == ("fetch", "decode", "features", "train", "embed", "embed-part", "split", "exact-part", "exact",
+                     "forest-part", "forest", "evaluate")
     assert dict(stages.FORMATS) == {name: stages.STAGES[name].format for name in names}
     for i, name in enumerate(names):
         spec = stages.stage_of(name)
