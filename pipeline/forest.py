@@ -263,6 +263,7 @@ class Forest:
         split_dim: int | None = None,
         progress: Callable[[int, int], None] | None = None,
         trees: list | None = None,
+        overwrite: bool = False,
     ) -> "Forest":
         """Build a forest over ``vectors`` (n, dim), any real dtype (used as float32).
 
@@ -319,7 +320,7 @@ class Forest:
         return cls._trees_of(prep, int(first), int(last), progress)
 
     @staticmethod
-    def _prepare(vectors, metric, n_trees, leaf_size, seed, n_threads, split_dim) -> dict:
+    def _prepare(vectors, metric, n_trees, leaf_size, seed, n_threads, split_dim, overwrite=False) -> dict:
         """Checks the arguments and computes what every tree reads (the rows as the kernels read
         them, the split basis, the projected rows and their byte codes) and the first ``n_trees``
         tree seeds."""
@@ -341,9 +342,10 @@ class Forest:
         if split_dim is not None and (not isinstance(split_dim, (int, np.integer)) or split_dim < 1):
             raise ConfigError(f"split_dim must be an integer >= 1 or None; got {split_dim!r}")
         threads = _thread_count(n_threads, "Forest.build")
-        if metric in ("euclidean", "manhattan"):
+        if metric in ("euclidean", "manhattan") or (overwrite and x.dtype == np.float32 and x.flags.writeable
+                                                    and x.flags.c_contiguous):
             # read the caller's rows in place when they are already float32 and contiguous (like a
-            # memory-mapped Arrow column): no copy, no extra memory
+            # memory-mapped Arrow column), or may be overwritten: no copy, no extra memory
             x32 = np.ascontiguousarray(x, dtype=np.float32)
         else:
             x32 = np.array(x, dtype=np.float32, order="C", copy=True)  # normalised/augmented below

@@ -420,7 +420,10 @@ def write_forest(cfg: DatasetConfig, split: Path, out: Path, n_trees: int, n_thr
     (``shards``): their trees are assembled instead of built, into the same bytes."""
     from .forest import Forest, load_trees  # numba compiles on first use; import only where it is needed
 
-    base = read_vectors(split / layout.BASE)
+    # An angular or dot index keeps its own (normalised or widened) copy of the rows: read them into
+    # private memory it may change, rather than copying a mapped array (the file's pages and the copy).
+    own = cfg.embed.metric in ("angular", "dot")
+    base = read_vectors(split / layout.BASE, private=own)
     params = stage_params(cfg, "forest", n_trees=n_trees, dim=base.dim)
     trees = [tree for part in parts for tree in load_trees(part / layout.TREES_DIR)] if parts else None
     report(0.0, f"building {n_trees} trees over {len(base)} vectors" if trees is None
@@ -429,7 +432,7 @@ def write_forest(cfg: DatasetConfig, split: Path, out: Path, n_trees: int, n_thr
     forest = Forest.build(base.vectors, metric=params["metric"], n_trees=n_trees, leaf_size=params["leaf_size"],
                           seed=params["seed"], n_threads=n_threads, split_dim=params["split_dim"] or None,
                           progress=lambda done, total: report(done / total, f"built {done}/{total} trees"),
-                          trees=trees)
+                          trees=trees, overwrite=own)
     build_seconds = time.perf_counter() - started
     forest.save(out / layout.INDEX_DIR)
     table = pa.table({"id": pa.array(np.arange(len(base), dtype=np.int64)),

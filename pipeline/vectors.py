@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Sequence
 
@@ -31,18 +30,73 @@ _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, err
 _COPY_PIECE = 1 << 23
 
 
-@dataclass
 class VectorTable:
-    """vectors: (n, dim) float32 or uint8, a read-only view of the memory-mapped file."""
+    """vectors: (n, dim) float32 or uint8, a read-only view of the memory-mapped file.
 
-    vectors: np.ndarray
-    keys: list[str]
-    labels: np.ndarray  # int32 (n,)
-    splits: np.ndarray  # object array of str (n,)
-    meta: dict[str, Any] = field(default_factory=dict)
+    ``keys`` (list of n str), ``labels`` (int32 (n,)) and ``splits`` (object array of n str) as
+    given, or, for a table read from a file, made from its Arrow columns on first use: building
+    millions of Python strings is what a query's cold start must not pay for. ``key_of`` and
+    ``find`` answer from the Arrow column without building them."""
+
+    def __init__(self, vectors: np.ndarray, keys: Sequence[str] | pa.Array | pa.ChunkedArray,
+                 labels: np.ndarray, splits: Any, meta: dict[str, Any] | None = None):
+        self.vectors = vectors
+        self.labels = labels
+        self.meta = {} if meta is None else meta
+        self._keys, self._splits = keys, splits
+
+    @property
+    def keys(self) -> list[str]:
+        if isinstance(self._keys, (pa.Array, pa.ChunkedArray)):
+            self._key_column = self._keys
+            self._keys = self._keys.to_pylist()
+        return self._keys
+
+    @keys.setter
+    def keys(self, value: Sequence[str]) -> None:
+        self._keys = value
+
+    @property
+    def splits(self) -> np.ndarray:
+        if isinstance(self._splits, (pa.Array, pa.ChunkedArray)):
+            self._splits = np.asarray(self._splits.to_pylist(), dtype=object)
+        return self._splits
+
+    @splits.setter
+    def splits(self, value: np.ndarray) -> None:
+        self._splits = value
+
+    def _column(self) -> pa.Array | pa.ChunkedArray | None:
+        if isinstance(self._keys, (pa.Array, pa.ChunkedArray)):
+            return self._keys
+        return getattr(self, "_key_column", None)
+
+    def key_of(self, i: int) -> str:
+        """The key of row ``i``."""
+        column = self._column()
+        return self._keys[i] if column is None else column[int(i)].as_py()
+
+    def find(self, key: str) -> int | None:
+        """The first row whose key is ``key``, None when there is none."""
+        column = self._column()
+        if column is None:
+            try:
+                return self._keys.index(key)
+            except ValueError:
+                return None
+        chunk = column.chunk(0) if isinstance(column, pa.ChunkedArray) and column.num_chunks == 1 else column
+        if isinstance(chunk, pa.ChunkedArray) or chunk.type != pa.string() or chunk.null_count:
+            import pyarrow.compute as pc
+
+            row = pc.index(column, pa.scalar(key, pa.string())).as_py()
+            return None if row < 0 else row
+        return _find_string(chunk, key.encode("utf-8"))
 
     def __len__(self) -> int:
         return self.vectors.shape[0]
+
+    def __repr__(self) -> str:
+        return f"VectorTable(n={len(self)}, dim={self.dim}, dtype={self.vectors.dtype}, meta={self.meta!r})"
 
     @property
     def dim(self) -> int:
@@ -106,6 +160,27 @@ def _splits(n: int, splits: Sequence[str] | None) -> pa.Array:
     if len(values) != n:
         raise ValueError(f"{len(values)} splits for {n} vectors")
     return pa.array(values, type=pa.string())
+
+
+def _find_string(array: pa.StringArray, key: bytes) -> int | None:
+    """The first i with ``array[i] == key``, searching the array's bytes in place (no Python string
+    per row, no pyarrow.compute import: a one-off key lookup in a command-line query)."""
+    import re
+
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset : array.offset + len(array) + 1]
+    if not key:
+        empty = np.flatnonzero(np.diff(offsets) == 0)
+        return int(empty[0]) if len(empty) else None
+    data = array.buffers()[2]
+    if data is None:
+        return None
+    start, end = int(offsets[0]), int(offsets[-1])
+    for match in re.finditer(re.escape(key), memoryview(data)[start:end]):
+        at = start + match.start()
+        i = int(np.searchsorted(offsets, at, side="right")) - 1  # the row whose bytes hold position at
+        if offsets[i] == at and offsets[i + 1] - at == len(key):
+            return i
+    return None
 
 
 def write_vectors(
@@ -306,11 +381,17 @@ class _SplicingSink:
         self.closed = True
 
 
-def read_vectors(path: str | Path) -> VectorTable:
-    """Open a vector table memory-mapped; the vector array is not copied."""
+def read_vectors(path: str | Path, private: bool = False) -> VectorTable:
+    """Open a vector table memory-mapped; the vector array is not copied.
+
+    ``private=True``: the vector array is instead read from the file into this process's own
+    writable memory (the other columns stay mapped). For a caller that transforms the vectors in
+    place (an angular forest normalises them): a copy of a mapped array would hold the file's pages
+    and the copy at once, twice the memory."""
     path = Path(path)
     try:
-        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        mapped = pa.memory_map(str(path), "r")
+        table = pa.ipc.open_file(mapped).read_all()
     except (pa.ArrowInvalid, OSError) as exc:
         raise ArtifactError(f"{path}: not a readable Arrow IPC vector table ({exc}); rebuild the stage") from exc
     missing = {"id", "key", "label", "split", "vector"} - set(table.column_names)
@@ -324,10 +405,14 @@ def read_vectors(path: str | Path) -> VectorTable:
     n = len(table)
     values = column.values.to_numpy(zero_copy_only=True) if n else np.empty(0, dtype=np.float32)
     vectors = values[column.offset * dim : (column.offset + n) * dim].reshape(n, dim)
+    if private and n:
+        mapped.seek(0)
+        start = vectors.__array_interface__["data"][0] - mapped.read_buffer(1).address  # the rows' file offset
+        vectors = np.fromfile(path, dtype=vectors.dtype, count=n * dim, offset=start).reshape(n, dim)
     return VectorTable(
         vectors=vectors,
-        keys=table.column("key").to_pylist(),
+        keys=table.column("key"),  # Python strings only when .keys is used (see VectorTable)
         labels=table.column("label").to_numpy(),
-        splits=np.asarray(table.column("split").to_pylist(), dtype=object),
+        splits=table.column("split"),
         meta=meta,
     )

@@ -106,3 +106,21 @@ def test_bad_shard_setting_is_a_config_error(tiny_mnist, monkeypatch):
     monkeypatch.setenv("GROVE_SHARDS", "zero")
     with pytest.raises(ConfigError, match="GROVE_SHARDS"):
         grove().shard_count()
+
+
+@pytest.mark.parametrize("metric", ["angular", "dot"])
+def test_a_forest_built_over_its_own_private_rows_is_the_same(tmp_path, metric):
+    """write_forest reads an angular/dot base into private memory (read_vectors(private=True)) and
+    lets the index normalise it in place (overwrite=True) instead of copying a mapped array: the
+    index is the same bytes."""
+    from pipeline.vectors import read_vectors, write_vectors
+
+    x = np.random.default_rng(7).normal(size=(1200, 24)).astype(np.float32)
+    write_vectors(tmp_path / "base.arrow", x, [f"k{i}" for i in range(len(x))])
+    mapped = read_vectors(tmp_path / "base.arrow")
+    private = read_vectors(tmp_path / "base.arrow", private=True)
+    assert not mapped.vectors.flags.writeable and private.vectors.flags.writeable
+    assert np.array_equal(mapped.vectors, private.vectors)
+    copied = Forest.build(mapped.vectors, metric=metric, n_trees=3, leaf_size=10, seed=1).arrays()
+    in_place = Forest.build(private.vectors, metric=metric, n_trees=3, leaf_size=10, seed=1, overwrite=True).arrays()
+    assert all(np.array_equal(copied[k], in_place[k]) for k in copied)
