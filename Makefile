@@ -12,7 +12,7 @@ SHARED_DATA := $(abspath ../shared/data)
 # says so and runs mnist-small: the 10,000 MNIST test images installed with grove.
 DEMO_MIRROR := $(or $(GROVE_MIRROR),$(if $(wildcard $(SHARED_DATA)/mnist),file://$(SHARED_DATA),))
 
-.PHONY: demo demo-mnist test bench clean venv
+.PHONY: demo demo-mnist test bench clean venv warm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,15 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed warm
 
-demo: $(VENV)/.installed
+# Compile every numba kernel a build and a query use into numba's cache (pipeline/warm.py), so the
+# first `grove run` and the first `grove query` do not wait for the compiler (the query kernel alone
+# takes seconds). A few seconds when the cache already holds them.
+warm: $(VENV)/.installed
+	$(BIN)/python -m pipeline.warm
+
+demo: $(VENV)/.installed warm
 	$(BIN)/grove run glove
 	$(BIN)/grove query glove "chinese river" --search-k 10000
 	@$(MAKE) --no-print-directory demo-mnist

@@ -1570,7 +1570,7 @@ def _search_one(
         # Walk down from the popped node while the nearer child would be the next node popped
         # anyway (its priority is at least the heap's top): the same visiting order as pushing and
         # popping it, without the two heap operations. The farther child is always pushed.
-        # (child codes are in range and form trees: check_structure runs on every loaded index)
+        # (child codes are in range and form trees: Forest.load checks every index it opens)
         while c >= 0:
             c0 = children[c, 0]
             c1 = children[c, 1]
@@ -1659,38 +1659,13 @@ def new_scratch(vectors, basis, planes, leaf_offsets):
     (dv,) and qsplit (max(P, 1),) float32).
 
     Nothing in it ever grows: a query sees each item at most once and, as every node has exactly
-    one parent (``check_structure``), pushes each node at most once.
+    one parent (checked by ``Forest.load``), pushes each node at most once.
     """
     n, dv = vectors.shape
     n_nodes = planes.shape[0] + leaf_offsets.shape[0] - 1
     return (np.zeros(n, np.uint8), np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.float32),
             np.empty(n_nodes, np.float32), np.empty(n_nodes, np.int32), np.empty(dv, np.float32),
             np.empty(max(basis.shape[0], 1), np.float32))
-
-
-@njit(cache=True, nogil=True)
-def check_structure(children, roots, n_leaves):
-    """0 if every child code and root is in range and every split node and leaf has exactly one
-    parent (the roots being the parents of the tree tops), else 1 + the first bad node
-    (split s as s, leaf l as n_splits + l). The query kernel relies on this."""
-    n_splits = children.shape[0]
-    seen = np.zeros(n_splits + n_leaves, np.uint8)
-    for i in range(roots.shape[0] + 2 * n_splits):
-        if i < roots.shape[0]:
-            c = np.int64(roots[i])
-        else:
-            j = i - roots.shape[0]
-            c = np.int64(children[j // 2, j % 2])
-        if c >= n_splits or c < -n_leaves:
-            return 1 + i  # out of range (reported as a position; the caller says which)
-        slot = c if c >= 0 else n_splits + (-c - 1)
-        if seen[slot] != 0:
-            return 1 + slot
-        seen[slot] = 1
-    for slot in range(n_splits + n_leaves):
-        if seen[slot] == 0:
-            return 1 + slot
-    return 0
 
 
 @njit(cache=True, nogil=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -212,6 +211,8 @@ def make_ref(
 
 
 def package_versions() -> dict[str, str]:
+    import importlib.metadata  # only a publish needs it; a query imports this module too
+
     out = {"python": platform.python_version(), "grove": __version__}
     for name in _PACKAGES:
         try:

@@ -19,16 +19,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import http.client
-import importlib.metadata
 import logging
 import os
 import re
-import ssl
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -168,6 +163,12 @@ def probe(url: str, timeout: float = 3.0) -> str | None:
     within ``timeout`` seconds (name resolution is not covered by the timeout; run the probe in a
     thread to bound it). Raises ConfigError for an unsupported scheme.
     """
+    # http.client, ssl and urllib.request are imported where a download needs them: importing this
+    # module (pipeline.config and pipeline.artifacts do) must stay cheap for `grove query`.
+    import http.client
+    import urllib.error
+    import urllib.request
+
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in SCHEMES:
         raise ConfigError(f"unsupported URL {url!r}: the scheme must be one of {', '.join(s + '://' for s in SCHEMES)}")
@@ -359,10 +360,14 @@ def _local_source(url: str) -> Path:
     if parts.scheme.lower() == "file":
         if parts.netloc not in ("", "localhost"):
             raise _Permanent(f"file:// URL names a remote host {parts.netloc!r}; use file:///absolute/path")
-        return Path(urllib.request.url2pathname(parts.path))
+        from urllib.request import url2pathname
+
+        return Path(url2pathname(parts.path))
     name, inner = urllib.parse.unquote(parts.netloc), urllib.parse.unquote(parts.path).lstrip("/")
     if name.lower() == GROVE_DISTRIBUTION:
         return _grove_data_file(inner)
+    import importlib.metadata
+
     try:
         dist = importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError as exc:
@@ -403,6 +408,11 @@ def _grove_data_file(inner: str) -> Path:
 
 def _fetch_http(url: str, part: Path, timeout: float, report: _Progress) -> bool:
     """One HTTP(S) attempt, resuming ``part`` with a Range request when it has bytes already."""
+    import http.client
+    import ssl
+    import urllib.error
+    import urllib.request
+
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": f"grove/{__version__}", "Accept-Encoding": "identity"}
     if offset:
@@ -461,6 +471,8 @@ def _fetch_http(url: str, part: Path, timeout: float, report: _Progress) -> bool
 
 def _copy(src: BinaryIO, out: BinaryIO, done: int, total: int | None, report: _Progress, what: str) -> None:
     """Stream ``src`` into ``out`` starting at byte ``done`` of ``total``; short reads are _Transient."""
+    import http.client
+
     report(done, total, force=True)
     # read1 returns what has arrived instead of waiting for a whole chunk, and each piece goes to
     # disk at once: a process killed mid-transfer leaves a .part that holds everything received.

@@ -15,7 +15,12 @@ from pipeline import artifacts, stages, store
 from pipeline.config import DatasetConfig, apply_pins, load_config
 from pipeline.errors import ConfigError
 
-from . import settings
+from . import events, logs, settings  # noqa: F401  (events: Luigi's task events as grove reports them)
+
+# Luigi is imported now: it reads the luigi.cfg grove located (from any working directory), and its
+# own logging set-up stays off under grove's handlers.
+settings.install()
+logs.quiet_luigi()
 
 log = logging.getLogger("luigi-interface")
 

@@ -13,14 +13,14 @@ small object) before any task runs; a store that fails in the middle of a task f
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from pipeline import artifacts, layout, stages
-from pipeline.config import available_datasets, load_config
+from pipeline import artifacts, layout
 from pipeline.errors import ArtifactError, ConfigError, GroveError, StoreError
 
 from . import logs
@@ -32,7 +32,36 @@ if TYPE_CHECKING:
 (EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ARTIFACT, EXIT_SCHEDULING, EXIT_NOT_RUN, EXIT_MISSING, EXIT_GATE,
  EXIT_STORE) = range(9)
 _LAST_RUN: dict = {"completed": set()}
-STAGES = stages.STAGE_NAMES  # the registry's order (pipeline.stages.STAGES)
+
+
+class _StageNames:
+    """The registry's stage names, in its order (``pipeline.stages.STAGE_NAMES``), looked up when
+    first needed: importing the registry brings every stage's imports, which `grove query` skips."""
+
+    def _names(self) -> tuple[str, ...]:
+        from pipeline import stages
+
+        return stages.STAGE_NAMES
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+STAGES = _StageNames()
+
+
+def load_config(dataset: str, config_dir: str | None):
+    """``pipeline.config.load_config``, imported when a command needs a config (not for a query
+    of what serves)."""
+    from pipeline.config import load_config as load
+
+    return load(dataset, config_dir)
 
 
 def _settings():
@@ -153,31 +182,24 @@ def _build(tasks: list, args: argparse.Namespace) -> int:
     return code
 
 
-def _query_paths(dataset: str) -> tuple[Path, Path, str]:
-    """(split dir, forest dir, where they come from): the serving version, else the current config's;
-    each checked with ``artifacts.verify_once`` (ArtifactError, exit 3, when missing or damaged). Local
-    directories on every root: on an object store, verified copies in this machine's cache (the first
-    query downloads them, later ones find them there)."""
-    from pipeline import lifecycle
+def _current_config_index(dataset: str):
+    """(index, origin) over the current config's split and its forest with the most trees, for a
+    dataset that nothing serves yet; verified by ``pipeline.api`` (ArtifactError, exit 3, when missing
+    or damaged). On an object store, verified copies in this machine's cache."""
+    from pipeline import api
 
     from .chain import Forest as ForestTask, current_evaluate
 
     root = _settings().artifact_root()
-    if lifecycle.serving_version(root, dataset):
-        refs = lifecycle.verified_serving_refs(root, dataset)
-        origin = f"serving {refs['evaluate'].version}"
-    else:
-        parents = current_evaluate(dataset).parent_tasks()
-        forest_task = max((t for t in parents.values() if isinstance(t, ForestTask)), key=lambda t: t.n_trees)
-        refs = {"split": parents["split"].output().ref, "forest": forest_task.output().ref}
-        for ref in refs.values():
-            if not ref.exists():
-                raise ArtifactError(f"{dataset}: nothing serves and {ref.key} is not built under the artifact root "
-                                    f"{_root_text(root)}. Run the stage again: `grove run {dataset}` (or point "
-                                    "GROVE_ARTIFACTS at the root that holds it)")
-            artifacts.verify_once(ref)
-        origin = "current config (nothing serving)"
-    return artifacts.local_dir(refs["split"]), artifacts.local_dir(refs["forest"]), origin
+    parents = current_evaluate(dataset).parent_tasks()
+    forest_task = max((t for t in parents.values() if isinstance(t, ForestTask)), key=lambda t: t.n_trees)
+    refs = {"split": parents["split"].output().ref, "forest": forest_task.output().ref}
+    for ref in refs.values():
+        if not ref.exists():
+            raise ArtifactError(f"{dataset}: nothing serves and {ref.key} is not built under the artifact root "
+                                f"{_root_text(root)}. Run the stage again: `grove run {dataset}` (or point "
+                                "GROVE_ARTIFACTS at the root that holds it)")
+    return api.Index.from_refs(refs["split"], refs["forest"]), "current config (nothing serving)"
 
 
 def _root_text(root) -> str:
@@ -186,9 +208,23 @@ def _root_text(root) -> str:
     return str(Path(root).absolute()) if store.is_local else store.uri
 
 
+def _skip_numba_blas_probe() -> None:
+    """When numba loads its array functions it probes for BLAS by importing scipy.linalg (about 0.3 s
+    of CPU, a third of a query's start) to learn whether a compiled ``np.dot`` may call it. grove's
+    kernels never call BLAS (no ``np.dot``, ``@`` or ``np.linalg``: their results must not depend on
+    it), so in this one-query process the probe is told there is none. Only here: a program that
+    imports grove as a library keeps scipy as it is."""
+    if "numba" not in sys.modules and "scipy.linalg" not in sys.modules:
+        sys.modules.setdefault("scipy.linalg.cython_blas", None)  # `import` of it raises ImportError
+
+
 def cmd_query(args: argparse.Namespace) -> int:
-    from pipeline import query
-    from pipeline.forest import Forest
+    """Answers from what serves (``pipeline.api.open_index``, verified; no config needed), else from
+    the current config's split and forest."""
+    import time
+
+    _skip_numba_blas_probe()
+    from pipeline import api, query
 
     def usage(message: str) -> int:
         print(f"grove query: {message}", file=sys.stderr)
@@ -199,24 +235,73 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.search_k is not None and args.search_k < -1:
         return usage(f"--search-k must be -1 (the default, k * n_trees) or at least 0, got {args.search_k}")
     search_k = None if args.search_k in (None, -1) else args.search_k
-    settings = _settings()
-    cfg = load_config(args.dataset, settings.config_dir())
-    if cfg.kind != "word2vec" and args.text.isdigit() and not args.text.isascii():
+    text = args.text
+    try:
+        # the root as the other commands find it, without Luigi (api.default_root reads luigi.cfg itself)
+        index = api.open_index(args.dataset, root=api.default_root())  # missing or damaged: exit 3
+        origin = f"serving {index.version}"
+        kind = index.kind
+    except (api.NotServingError, api.UnknownDatasetError):
+        index = None
+        kind = load_config(args.dataset, _settings().config_dir()).kind  # an unknown dataset: exit 2
+    if kind != api.WORDS_KIND and text.isdigit() and not text.isascii():
         # str.isdigit() holds for "²" and "٣" too; a query number is written in ASCII digits
-        return usage(f"query number {args.text!r} is not written with the digits 0-9; give a number such as 3 "
+        if index is not None:
+            index.close()
+        return usage(f"query number {text!r} is not written with the digits 0-9; give a number such as 3 "
                      "or an item key such as test/3")
-    split_dir, index_dir, origin = _query_paths(args.dataset)  # verified; missing or damaged: exit 3
-    base, queries = query.open_split(split_dir)
-    vector, exclude = query.query_vector(args.text, cfg.kind, base, queries)
-    forest = None if args.exact else Forest.load(index_dir / "index", metric=cfg.embed.metric, dim=base.dim)
-    if forest is not None:
-        forest.query(vector, k=1)  # compile/warm once so the timing below is the query alone
-    approx, truth = query.search(forest, base, vector, args.k, search_k, exclude, cfg.embed.metric,
-                                 exact=args.exact or not args.approx_only)
-    n_trees = forest.n_trees if forest is not None else "-"
-    print(f"{args.dataset}: {args.text!r}  (index {index_dir.name}, {origin}, n_trees={n_trees}, "
-          f"search_k={'default' if search_k is None else search_k})")
+    if index is None:
+        index, origin = _current_config_index(args.dataset)
+    with index:
+        if kind == api.WORDS_KIND:
+            vector, exclude = index.text_vector(text)  # a word or a phrase; its own words left out
+        elif text.isascii() and text.isdigit():  # a row of the held-out queries
+            held_out = index.held_out_keys()
+            if int(text) >= len(held_out):
+                raise ConfigError(f"query number {text} is out of range: there are {len(held_out)} queries")
+            vector, exclude = index.vector(held_out[int(text)]), set()
+        else:  # an item key, left out of its own answer
+            vector, exclude = index.vector(text), {text}
+
+        def timed(exact: bool) -> query.Answer:
+            started = time.perf_counter()
+            hits = index.query(vector, k=args.k, search_k=search_k, exclude=exclude, exact=exact)
+            return query.Answer(hits.keys, hits.distances, time.perf_counter() - started)
+
+        approx = truth = None
+        if not args.exact:
+            index.query(vector, k=1)  # compile/warm once so the timing below is the query alone
+            approx = timed(exact=False)
+        if args.exact or not args.approx_only:
+            truth = timed(exact=True)
+        print(f"{args.dataset}: {text!r}  (index {index.forest_version}, {origin}, "
+              f"n_trees={'-' if args.exact else index.n_trees}, "
+              f"search_k={'default' if search_k is None else search_k})")
     print(query.format_answers(approx, truth))
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``grove serve DATASET...``: the HTTP query service (``pipeline.service``) until Ctrl-C or SIGTERM.
+
+    Exit codes: 0 after Ctrl-C (SIGTERM ends it as that signal does); 2 bad arguments, an unknown
+    dataset, or a host and port it cannot listen on (in use: one line saying so); 3 a dataset that
+    nothing serves, or whose serving version is missing or damaged; 8 the artifact root cannot be used.
+    """
+    from pipeline import service
+
+    if not 0 <= args.port <= 65535:
+        print(f"grove serve: --port must be from 0 (any free port) to 65535, got {args.port}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.poll > 0:
+        print(f"grove serve: --poll must be a number of seconds above 0, got {args.poll}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        service.serve(args.datasets, root=_settings().artifact_root(), host=args.host, port=args.port,
+                      poll_seconds=args.poll)
+    except service.ListenError as exc:
+        print(f"grove serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 
@@ -336,6 +421,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_datasets(args: argparse.Namespace) -> int:
     settings = _settings()
+    from pipeline.config import available_datasets
+
     for name in available_datasets(settings.config_dir()):
         cfg = load_config(name, settings.config_dir())
         print(f"{name:<16} {cfg.kind:<10} {cfg.dataset.description}")
@@ -488,6 +575,15 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--approx-only", action="store_true", help="the index only, no exact search beside it")
     p.set_defaults(func=cmd_query)
 
+    p = sub.add_parser("serve", parents=[common], help="answer queries over HTTP (JSON) from what serves; follows "
+                                                      "promotions without a restart")
+    p.add_argument("datasets", nargs="+", metavar="DATASET", help="datasets to answer for (each must be serving)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
+    p.add_argument("--poll", type=float, default=1.0, metavar="SECONDS",
+                   help="how often the serving pointers are read (default 1)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("rebuild", parents=[common], help="the dated rebuild cron runs: every rebuild dataset, gated and promoted")
     p.add_argument("--date", type=_date, default=None, help="YYYY-MM-DD (default today)")
     p.add_argument("--log", default=None, help="also append the log to this file")
@@ -518,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("versions", parents=[common], help="list the published versions of a dataset's stages")
     p.add_argument("dataset")
-    p.add_argument("stage", nargs="?", choices=STAGES, help="one stage (default: all)")
+    p.add_argument("stage", nargs="?", choices=STAGES, metavar="STAGE", help="one stage (default: all; see `grove versions DATASET`)")
     p.set_defaults(func=cmd_versions)
 
     p = sub.add_parser("show", parents=[common], help="print the manifest of one version")

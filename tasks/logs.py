@@ -15,9 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
-
-import luigi
-import luigi.configuration
+from typing import Any
 
 from pipeline import progress
 from pipeline.paths import scratch_dir
@@ -88,7 +86,9 @@ def verbose_setting() -> bool:
     env = os.environ.get("GROVE_VERBOSE")
     if env is not None and env != "":
         return env.strip().lower() in ("1", "true", "yes", "on")
-    return luigi.configuration.get_config().getboolean("grove", "verbose", False)
+    from .settings import grove_option  # luigi.cfg read without importing Luigi
+
+    return (grove_option("verbose") or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def setup(verbose: bool, luigi_summary: bool, log_file: str | os.PathLike | None = None,
@@ -135,15 +135,26 @@ def setup(verbose: bool, luigi_summary: bool, log_file: str | os.PathLike | None
     root.setLevel(logging.DEBUG)
     for noisy in ("numba", "matplotlib", "PIL", "urllib3", "gensim", "smart_open"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    luigi.configuration.get_config().set("core", "no_configure_logging", "true")
+    _state["luigi_quiet"] = True
+    quiet_luigi()
     return path
+
+
+def quiet_luigi() -> None:
+    """Turn Luigi's own logging set-up off (``[core] no_configure_logging``) once grove's handlers
+    are installed and Luigi is imported (tasks/base.py calls this on import): nothing is printed
+    twice. Commands that run no task never import Luigi."""
+    if _state.get("luigi_quiet") and "luigi" in sys.modules:
+        import luigi.configuration
+
+        luigi.configuration.get_config().set("core", "no_configure_logging", "true")
 
 
 def log_file() -> Path | None:
     return _state["log_file"]
 
 
-def _record_failure(task: luigi.Task, reason: str) -> None:
+def record_failure(task: Any, reason: str) -> None:
     where = _state["log_file"]
     if _state["immediate"] or _state["failures"] is None:
         log.error("FAILED %r: %s (full log: %s)", task, reason.splitlines()[0] if reason else "", where)
@@ -160,44 +171,9 @@ def _record_failure(task: luigi.Task, reason: str) -> None:
         log.error("FAILED %r: %s (full log: %s)", task, reason, where)
 
 
-def _reason(exc: BaseException) -> str:
+def reason(exc: BaseException) -> str:
     text = str(exc).strip() or "(no message)"
     return f"{type(exc).__name__}: {text}"
-
-
-@luigi.Task.event_handler(luigi.Event.START)
-def _on_start(task: luigi.Task) -> None:
-    task.__dict__["_grove_started"] = time.monotonic()
-    log.info("running  %r", task)
-
-
-@luigi.Task.event_handler(luigi.Event.SUCCESS)
-def _on_success(task: luigi.Task) -> None:
-    started = task.__dict__.get("_grove_started")
-    took = f" in {time.monotonic() - started:.1f} s" if started else ""
-    progress.finish(task.task_id, ok=True)
-    log.info("done     %r%s", task, took)
-
-
-@luigi.Task.event_handler(luigi.Event.FAILURE)
-def _on_failure(task: luigi.Task, exc: BaseException) -> None:
-    progress.finish(task.task_id, ok=False, message=_reason(exc).splitlines()[0])
-    _record_failure(task, _reason(exc))
-
-
-@luigi.Task.event_handler(luigi.Event.BROKEN_TASK)
-def _on_broken(task: luigi.Task, exc: BaseException) -> None:
-    _record_failure(task, _reason(exc))
-
-
-@luigi.Task.event_handler(luigi.Event.PROCESS_FAILURE)
-def _on_process_failure(task: luigi.Task, message: str) -> None:
-    _record_failure(task, f"the worker process died: {message.strip().splitlines()[0] if message else ''}")
-
-
-@luigi.Task.event_handler(luigi.Event.TIMEOUT)
-def _on_timeout(task: luigi.Task, message: str) -> None:
-    _record_failure(task, f"timed out ([worker] timeout in luigi.cfg): {message.strip()}")
 
 
 def failures() -> list[dict]:

@@ -14,14 +14,15 @@ the working directory as a shell user expects.
 
 from __future__ import annotations
 
+import configparser
 import os
+import re
+import sys
 from pathlib import Path
-
-import luigi.configuration
 
 CONFIG_NAME = "luigi.cfg"
 _CHECKOUT_CONFIG = Path(__file__).resolve().parents[1] / CONFIG_NAME
-_state: dict = {"path": None, "installed": False}
+_state: dict = {"path": None, "installed": False, "pending": False}
 
 
 def locate_config(cwd: Path | None = None) -> Path | None:
@@ -38,15 +39,50 @@ def locate_config(cwd: Path | None = None) -> Path | None:
 
 
 def install() -> Path | None:
-    """Make Luigi read the located luigi.cfg (once per process); returns its path."""
+    """Make Luigi read the located luigi.cfg (located once per process); returns its path.
+
+    Without Luigi imported yet, only locates it: the next call once Luigi is imported adds it (the
+    task modules call this through ``base_dir`` and at this module's import), so a command that runs
+    no task does not import Luigi for its settings."""
     if not _state["installed"]:
         path = locate_config()
         _state["path"] = path
         _state["installed"] = True
         # Luigi reads ./luigi.cfg and LUIGI_CONFIG_PATH by itself; a file found elsewhere is added.
-        if path is not None and path != (Path.cwd() / CONFIG_NAME).resolve() and not os.environ.get("LUIGI_CONFIG_PATH"):
-            luigi.configuration.add_config_path(str(path))
+        _state["pending"] = (path is not None and path != (Path.cwd() / CONFIG_NAME).resolve()
+                             and not os.environ.get("LUIGI_CONFIG_PATH"))
+    if _state["pending"] and "luigi" in sys.modules:
+        import luigi.configuration  # here, not above: importing this module must not import Luigi
+
+        luigi.configuration.add_config_path(str(_state["path"]))
+        _state["pending"] = False
     return _state["path"]
+
+
+_ENV_REF = re.compile(r"\$\{(\w+)\}")
+
+
+def grove_option(name: str) -> str | None:
+    """``[grove] <name>`` of the located luigi.cfg, read without importing Luigi (``${VAR}`` expanded
+    from the environment, as Luigi does); None when it is not set. Once Luigi is imported (a command
+    that runs tasks), Luigi's own view of its configuration answers, with every file it reads."""
+    if "luigi" in sys.modules:
+        import luigi.configuration
+
+        install()
+        value = luigi.configuration.get_config().get("grove", name, None)
+        return None if value is None else str(value)
+    path = install()
+    if path is None or not path.is_file():
+        return None
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(path, encoding="utf-8")
+    except configparser.Error:
+        return None  # Luigi reports a broken file when a task needs it
+    if not parser.has_option("grove", name):
+        return None
+    return _ENV_REF.sub(lambda m: os.environ.get(m.group(1), m.group(0)), parser.get("grove", name))
 
 
 def config_path() -> Path | None:
@@ -63,3 +99,9 @@ def describe() -> str:
     """Where the settings come from, for messages: ``settings from /x/luigi.cfg`` or ``no luigi.cfg found``."""
     path = install()
     return f"settings from {path}" if path else "no luigi.cfg found; built-in defaults"
+
+
+if "luigi" in sys.modules:
+    # Imported by a task module (tasks/base.py imports Luigi first): luigi.cfg is found before any task
+    # reads its parameters, also when a task module is imported directly (`from tasks.chain import Chain`).
+    install()
