@@ -113,7 +113,10 @@ def test_registry_shape():
 def test_cli_stage_names_come_from_the_registry():
     from tasks import cli
 
-    assert cli.STAGES == stages.STAGE_NAMES
+    assert tuple(cli.STAGES) == stages.STAGE_NAMES and "forest-part" in cli.STAGES and "nope" not in cli.STAGES
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args(["versions", "mnist", "nope"])
+    assert exit_.value.code == 2
 
 
 @pytest.mark.parametrize("name, parents", [
