@@ -66,7 +66,7 @@ def _build_chain(root, shards, monkeypatch) -> None:
     monkeypatch.setenv("GROVE_ARTIFACTS", str(root))
     monkeypatch.setenv("GROVE_SHARDS", str(shards))
     luigi.task_register.Register.clear_instance_cache()
-    result = luigi.build([tasks.Chain(dataset="tinymnist")], local_scheduler=True, workers=2,
+    result = luigi.build([tasks.Chain(dataset="tinymnist")], local_scheduler=True, workers=1,
                          detailed_summary=True)
     assert result.status == LuigiStatusCode.SUCCESS, result.summary_text
 
