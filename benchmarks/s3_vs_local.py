@@ -1,8 +1,13 @@
 """The S3 artifact root against the local one (issue 13, "Measure"): each dataset's whole chain run once on a
 fresh local root and once on a fresh prefix of a real S3 server (SeaweedFS, tests/s3server.py, started here),
 each run a fresh process with a fresh GROVE_SCRATCH (nothing cached) and GROVE_THREADS=2; then `grove query`
-on both roots: the first query with an empty scratch (on S3 it downloads the split and the forest) and the
-median of the later ones (same scratch), all fresh processes timed from outside.
+on both roots, all fresh processes timed from outside: the first query with an empty scratch (on S3 it
+downloads the split and the forest) and the median of the later ones (same scratch; local and S3 alternate, so
+that both meet the same load on a shared machine). Both twice: while nothing serves (`grove query` then
+answers from the current config's split and forest, whose digests it computes from the config and the store)
+and after `grove promote DATASET <the evaluation>` (what serves: the pointer, the evaluation's manifest, its
+split and forest). "requests" counts the object-store client's calls in a later query (pyarrow.fs calls:
+GET, HEAD, LIST; each one request, or more when retried).
 
 Per stage (summed over a stage's versions, e.g. several forests):
   stage s   the manifests' "seconds" (the stage's own work as the task measured it; publishing excluded)
@@ -16,8 +21,8 @@ Per stage (summed over a stage's versions, e.g. several forests):
   overhead  (S3 task s - local task s) / local task s
 The process wall time is the whole `run` from outside (interpreter start, luigi scheduling, uploads of the
 manifests, ...). The wire totals (bytes_out / bytes_in) are the object-store client's own counters
-(pipeline.objectstore.ObjectStore.stats), dumped at exit by a thin wrapper that is otherwise
-`python -m tasks.cli ARGS`.
+(pipeline.objectstore.ObjectStore.stats), dumped at exit with the count of pyarrow.fs calls by a thin wrapper
+that is otherwise `python -m tasks.cli ARGS`.
 
     .venv/bin/python benchmarks/s3_vs_local.py [--datasets glove,mnist] [--later 3]
 """
@@ -49,7 +54,8 @@ STAGES = ("fetch", "decode", "embed", "split", "exact", "forest", "evaluate")
 QUERIES = {"mnist": "test/0", "glove": "chinese river", "tinymnist": "test/0"}
 MIRRORS = {"mnist": "file:///work/shared/data"}
 
-# `python -m tasks.cli ARGS`, plus the object-store client's byte counters written to $BENCH_STATS at exit
+# `python -m tasks.cli ARGS`, plus the object-store client's byte counters and its number of pyarrow.fs calls
+# ("requests") written to $BENCH_STATS at exit
 WRAPPER = r"""
 import atexit, collections, json, os, runpy, sys
 from pipeline import objectstore
@@ -59,6 +65,19 @@ def counting(self, **amounts):
     total.update(amounts)
     return _count(self, **amounts)
 objectstore.ObjectStore._count = counting
+class CountingFs:
+    def __init__(self, fs):
+        self._fs = fs
+    def __getattr__(self, name):
+        attr = getattr(self._fs, name)
+        if not callable(attr):
+            return attr
+        def call(*args, **kwargs):
+            total.update(requests=1)
+            return attr(*args, **kwargs)
+        return call
+_fs = objectstore.ObjectStore._fs
+objectstore.ObjectStore._fs = lambda self, multipart=False: CountingFs(_fs(self, multipart))
 def dump():
     with open(os.environ["BENCH_STATS"], "w") as f:
         json.dump(dict(total), f)
@@ -155,21 +174,59 @@ def run_chain(dataset: str, where: str, server: SeaweedS3 | None, base: Path, lo
     return {"root": root, "wall": wall, "wire": wire, "stages": stages}
 
 
-def run_queries(dataset: str, root: str, server: SeaweedS3 | None, base: Path, log: Path, later: int) -> dict:
-    scratch = base / f"scratch-query-{secrets.token_hex(3)}"
-    env = env_for(root, scratch, dataset, server, base)
-    args = ["query", dataset, QUERIES[dataset]]
-    first, wire, code, _ = timed(args, env, base, log, timeout=600)
+def query_run(dataset: str, env: dict, base: Path, log: Path) -> tuple[float, dict]:
+    """(wall seconds, counters) of one `grove query` process; RuntimeError when it fails."""
+    wall, counters, code, _ = timed(["query", dataset, QUERIES[dataset]], env, base, log, timeout=600)
     if code != 0:
-        raise RuntimeError(f"{dataset}: `query` on {root} exited {code}; see {log}")
-    times = []
-    for _ in range(later):
-        t, _, code, _ = timed(args, env, base, log, timeout=600)
-        if code != 0:
-            raise RuntimeError(f"{dataset}: a later `query` on {root} exited {code}; see {log}")
-        times.append(t)
-    shutil.rmtree(scratch, ignore_errors=True)
-    return {"first": first, "first_in": wire.get("bytes_in", 0), "later": statistics.median(times), "all": times}
+        raise RuntimeError(f"{dataset}: `query` on {env['GROVE_ARTIFACTS']} exited {code}; see {log}")
+    return wall, counters
+
+
+def run_queries(dataset: str, roots: dict[str, str], server: SeaweedS3, base: Path, log: Path, later: int) -> dict:
+    """``{path: {side: {"first", "first_in", "later", "all", "requests"}}}`` for the sides ``local`` and
+    ``S3`` (``roots``), while nothing serves and then after promoting the chain's evaluation (``path``).
+    Each side's first query has an empty scratch; the later ones (same scratch) alternate between the
+    sides, so that both meet the same load on a shared machine (and the same writeback of what the
+    first queries downloaded)."""
+    servers = {"local": None, "S3": server}
+    out = {}
+    for path in ("nothing serving", "serving"):
+        if path == "serving":
+            for side, root in roots.items():
+                env = env_for(root, base / f"scratch-promote-{secrets.token_hex(3)}", dataset, servers[side], base)
+                version = evaluate_versions(root, dataset, env)[-1]
+                _, _, code, _ = timed(["promote", dataset, version], env, base, log, timeout=600)
+                if code != 0:
+                    raise RuntimeError(f"{dataset}: `promote` on {root} exited {code}; see {log}")
+        envs = {side: env_for(root, base / f"scratch-query-{secrets.token_hex(3)}", dataset, servers[side], base)
+                for side, root in roots.items()}
+        results = {}
+        for side, env in envs.items():
+            first, wire = query_run(dataset, env, base, log)
+            results[side] = {"first": first, "first_in": wire.get("bytes_in", 0), "all": [], "requests": 0}
+        for i in range(later):
+            for side in (list(envs) if i % 2 == 0 else list(envs)[::-1]):
+                wall, counters = query_run(dataset, envs[side], base, log)
+                results[side]["all"].append(wall)
+                results[side]["requests"] = max(results[side]["requests"], counters.get("requests", 0))
+        for side, env in envs.items():
+            results[side]["later"] = statistics.median(results[side]["all"])
+            shutil.rmtree(env["GROVE_SCRATCH"], ignore_errors=True)
+        out[path] = results
+    return out
+
+
+def evaluate_versions(root: str, dataset: str, env: dict) -> list[str]:
+    """The evaluate versions under ``root``, oldest first."""
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    try:
+        from pipeline import artifacts
+
+        return [m["version"] for m in artifacts.list_versions(root, dataset, "evaluate")]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def print_dataset(dataset: str, local: dict, s3: dict) -> None:
@@ -201,13 +258,16 @@ def print_dataset(dataset: str, local: dict, s3: dict) -> None:
     sys.stdout.flush()
 
 
-def print_queries(dataset: str, lq: dict, sq: dict, later: int) -> None:
+def print_queries(dataset: str, q: dict, later: int) -> None:
     print(f"\n### {dataset}: `grove query {dataset} \"{QUERIES[dataset]}\"` (fresh processes, wall time)\n")
-    print(f"| root | first (empty scratch) s | MB downloaded by the first | later s (median of {later}) |")
-    print("|---|---:|---:|---:|")
-    print(f"| local | {lq['first']:.2f} | 0 | {lq['later']:.2f} |")
-    print(f"| S3 | {sq['first']:.2f} | {mb(sq['first_in'])} | {sq['later']:.2f} |")
-    print(f"| overhead | {pct(sq['first'], lq['first'])} | | {pct(sq['later'], lq['later'])} |")
+    print(f"| path | root | first (empty scratch) s | MB downloaded by the first | later s (median of {later}, "
+          "alternating local and S3) | requests of a later one |")
+    print("|---|---|---:|---:|---:|---:|")
+    for path, sides in q.items():
+        lo, hi = sides["local"], sides["S3"]
+        print(f"| {path} | local | {lo['first']:.2f} | 0 | {lo['later']:.2f} | - |")
+        print(f"| {path} | S3 | {hi['first']:.2f} | {mb(hi['first_in'])} | {hi['later']:.2f} | {hi['requests']} |")
+        print(f"| {path} | overhead | {pct(hi['first'], lo['first'])} | | {pct(hi['later'], lo['later'])} | |")
     sys.stdout.flush()
 
 
@@ -237,9 +297,9 @@ def main() -> int:
                 local = run_chain(dataset, "local", None, base, log)
                 s3 = run_chain(dataset, "s3", server, base, log)
                 print_dataset(dataset, local, s3)
-                lq = run_queries(dataset, local["root"], None, base, log, args.later)
-                sq = run_queries(dataset, s3["root"], server, base, log, args.later)
-                print_queries(dataset, lq, sq, args.later)
+                queries = run_queries(dataset, {"local": local["root"], "S3": s3["root"]}, server, base, log,
+                                      args.later)
+                print_queries(dataset, queries, args.later)
                 print(f"\n({dataset}: {time.monotonic() - t0:.0f} s for both chains and the queries)")
                 sys.stdout.flush()
             except Exception as exc:  # report it and go on with the next dataset

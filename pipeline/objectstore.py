@@ -11,7 +11,10 @@ Where the endpoint and credentials come from (the standard AWS way; keyword argu
   ``~/.aws/config`` (``AWS_PROFILE``, ``AWS_SHARED_CREDENTIALS_FILE``), then an instance role.
 
 Timeouts are short and retries bounded (connect 3 s, a stalled request 5 s, 3 attempts), so an
-unreachable endpoint fails in seconds. Every pyarrow ``OSError`` is turned into a ``StoreError``
+unreachable endpoint fails in seconds. Once a request has failed for the network (every attempt
+spent), the store is taken for down for ``DOWN_SECONDS``: requests make one attempt each meanwhile,
+so a run whose server went away (or a network cut that drops packets, where each attempt waits for
+its timeout) ends in seconds instead of retrying every cleanup and lookup on its way out. Every pyarrow ``OSError`` is turned into a ``StoreError``
 that names the root and the cause (endpoint unreachable, credentials refused, bucket missing, no
 write permission, connection lost while uploading).
 
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 3.0  # seconds to open a connection
 REQUEST_TIMEOUT = 5.0  # seconds a request may stall (curl's low-speed limit on Linux)
 MAX_ATTEMPTS = 3  # tries per request (the AWS standard retry strategy, with backoff)
+DOWN_SECONDS = 60.0  # after a network failure, requests make one attempt each for this long
 SINGLE_PUT_MAX = 8 << 20  # objects up to this size are one PUT (pyarrow's parts are 10 MiB)
 CHUNK = 8 << 20  # bytes per read when downloading
 UPLOAD_THREADS = 4  # files of one version uploaded at once
@@ -92,7 +96,8 @@ class ObjectStore(Store):
             raise ConfigError(f"artifact root {self.uri}: {given} is set but {missing} is not; set both, or "
                               "neither to use the AWS profile (~/.aws/credentials)")
         self._credentials = (access, secret, os.environ.get("AWS_SESSION_TOKEN") or None)
-        self._fs_cache: dict[bool, object] = {}
+        self._fs_cache: dict[tuple[bool, int], object] = {}
+        self._down_since: float | None = None  # when a request last failed for the network (monotonic)
         self._lock = threading.Lock()
         self._bucket_ok = False
         # what went over the wire, for benchmarks and tests: downloads/uploads count download() and
@@ -129,16 +134,19 @@ class ObjectStore(Store):
     def _fs(self, multipart: bool = False):
         """The S3 filesystem. ``multipart=False``: writes are buffered and sent as one PUT at close
         (small objects only); ``multipart=True``: the multipart upload is created when the stream
-        opens, so a failure there raises before any stream exists."""
+        opens, so a failure there raises before any stream exists. While the store is taken for
+        down (a network failure less than ``DOWN_SECONDS`` ago), one that makes a single attempt."""
+        down = self._down_since is not None and time.monotonic() - self._down_since < DOWN_SECONDS
+        attempts = 1 if down else self.max_attempts
         with self._lock:
-            fs = self._fs_cache.get(multipart)
+            fs = self._fs_cache.get((multipart, attempts))
             if fs is None:
                 from pyarrow import fs as pafs
 
                 access, secret, token = self._credentials
                 options = dict(region=self.region, connect_timeout=self.connect_timeout,
                                request_timeout=self.request_timeout,
-                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
+                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
                                allow_delayed_open=not multipart, allow_bucket_creation=False,
                                allow_bucket_deletion=False)
                 if access:
@@ -150,7 +158,7 @@ class ObjectStore(Store):
                     fs = pafs.S3FileSystem(**options)
                 except (OSError, ValueError) as exc:
                     raise StoreError(f"cannot open the artifact root {self.describe()}: {exc}") from exc
-                self._fs_cache[multipart] = fs
+                self._fs_cache[(multipart, attempts)] = fs
             return fs
 
     def _path(self, key: str = "") -> str:
@@ -172,6 +180,7 @@ class ObjectStore(Store):
         text = str(exc)
         where = self.where(key)
         if kind == "network":
+            self._down_since = time.monotonic()
             cause = _network_cause(text, self.request_timeout)
             if op in _WRITE_OPS and op not in ("DeleteObject", "DeleteObjects"):
                 return StoreError(
@@ -208,7 +217,12 @@ class ObjectStore(Store):
 
     def _ensure_bucket(self) -> None:
         """Once per store: the bucket exists (HeadBucket). A refused HeadBucket is let through (a key
-        may be allowed its prefix and not the bucket); the request that follows says what is wrong."""
+        may be allowed its prefix and not the bucket); the request that follows says what is wrong.
+
+        Writes ask first (SeaweedFS would create a missing bucket on the first PUT). Reads ask only
+        when they find nothing: a missing bucket looks like a missing key to a GET, HEAD or LIST, so
+        "nothing there" is told apart from "no such bucket" then, and a read that finds its object
+        costs one request (a later ``grove query`` reads one pointer and nothing else)."""
         if self._bucket_ok:
             return
         from pyarrow import fs as pafs
@@ -232,19 +246,23 @@ class ObjectStore(Store):
         from pyarrow import fs as pafs
 
         key = self.key(key)
-        self._ensure_bucket()
         with self._errors("looking up", key):
-            return self._fs().get_file_info(self._path(key)).type == pafs.FileType.File
+            found = self._fs().get_file_info(self._path(key)).type == pafs.FileType.File
+        if not found:
+            self._ensure_bucket()
+        return found
 
     def read_bytes(self, key: str) -> bytes:
         key = self.key(key)
-        self._ensure_bucket()
         with self._errors("reading", key):
             try:
                 with self._fs().open_input_stream(self._path(key)) as f:
                     data = f.read()
             except FileNotFoundError:
-                raise self._not_found(key) from None
+                data = None
+        if data is None:
+            self._ensure_bucket()
+            raise self._not_found(key)
         self._count(reads=1, bytes_in=len(data))
         return data
 
@@ -292,13 +310,14 @@ class ObjectStore(Store):
         from pyarrow import fs as pafs
 
         prefix = self.key(prefix)
-        self._ensure_bucket()
         with self._errors("listing", prefix):
             try:
                 infos = self._fs().get_file_info(pafs.FileSelector(self._path(prefix), recursive=False,
                                                                    allow_not_found=True))
             except (FileNotFoundError, NotADirectoryError):
-                return []
+                infos = []
+        if not infos:
+            self._ensure_bucket()
         return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
 
     def files(self, prefix: str) -> dict[str, int]:
@@ -308,13 +327,14 @@ class ObjectStore(Store):
         from pyarrow import fs as pafs
 
         prefix = self.key(prefix)
-        self._ensure_bucket()
         base = self._path(prefix)
         with self._errors("listing", prefix):
             try:
                 infos = self._fs().get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
             except (FileNotFoundError, NotADirectoryError):
-                return {}
+                infos = []
+        if not infos:
+            self._ensure_bucket()
         return {i.path[len(base) + 1:]: i for i in sorted(infos, key=lambda i: i.path)
                 if i.type == pafs.FileType.File}
 
@@ -331,8 +351,9 @@ class ObjectStore(Store):
         prefix = self.key(prefix)
         if not prefix and not self.prefix:
             raise ConfigError(f"refusing to delete everything in the bucket {self.bucket!r}; give a prefix")
-        # the manifest first: a version stops being visible before any of its files go
-        self.delete(self.key(prefix, layout.MANIFEST))
+        if not layout.is_attempt_key(prefix):  # an attempt's files have no manifest beside them
+            # the manifest first: a version stops being visible before any of its files go
+            self.delete(self.key(prefix, layout.MANIFEST))
         with self._errors("deleting", prefix):
             try:
                 self._fs().delete_dir(self._path(prefix))
@@ -352,13 +373,13 @@ class ObjectStore(Store):
                 self._put(key, source.read_buffer())
         self._count(uploads=1, bytes_out=size)
 
-    def download(self, key: str, local: Path) -> None:
+    def download(self, key: str, local: Path) -> str:
         key = self.key(key)
         local = Path(local)
-        self._ensure_bucket()
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f".{local.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         received = 0
+        digest = hashlib.sha256()
         try:
             with self._errors("downloading", key):
                 # One plain GET (a stream), not ranged reads: SeaweedFS lists and range-reads an object
@@ -368,16 +389,21 @@ class ObjectStore(Store):
                 try:
                     src = self._fs().open_input_stream(self._path(key))
                 except FileNotFoundError:
-                    raise self._not_found(key) from None
+                    src = None
+                if src is None:
+                    self._ensure_bucket()
+                    raise self._not_found(key)
                 with src, open(tmp, "wb") as out:
                     while chunk := src.read(CHUNK):
                         out.write(chunk)
+                        digest.update(chunk)  # hashed on the way in: no second pass over the file
                         received += len(chunk)
             os.replace(tmp, local)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         self._count(downloads=1, bytes_in=received)
+        return digest.hexdigest()
 
     # --- pointers ------------------------------------------------------------------------------
     def set_pointer(self, prefix: str, name: str, target: str) -> None:
@@ -434,9 +460,9 @@ class ObjectStore(Store):
         except BaseException:
             try:
                 self.delete_tree(base)
-            except OSError as exc:
+            except OSError as exc:  # the cause comes with the error raised below; its first part is enough here
                 log.warning("could not remove the unfinished attempt %s (%s); `grove gc` will", self.where(base),
-                            exc)
+                            str(exc).split("; ")[0])
             raise
         manifest["attempt"] = attempt
         self.write_json(manifest_key, manifest)  # last: the version is visible from here on

@@ -95,8 +95,9 @@ class Store(abc.ABC):
         """Copy a local file to ``key`` (atomic like write_bytes)."""
 
     @abc.abstractmethod
-    def download(self, key: str, local: Path) -> None:
-        """Copy ``key`` to a local file (written through a temporary sibling)."""
+    def download(self, key: str, local: Path) -> str:
+        """Copy ``key`` to a local file (written through a temporary sibling); returns the sha256
+        (hex) of the bytes written, for the caller to compare with a manifest."""
 
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key).decode("utf-8"))
@@ -238,10 +239,11 @@ class LocalStore(Store):
 
         copy_file_atomic(Path(local), self.local_path(key))
 
-    def download(self, key: str, local: Path) -> None:
+    def download(self, key: str, local: Path) -> str:
         from .paths import copy_file_atomic
 
         copy_file_atomic(self.local_path(key), Path(local))
+        return file_sha256(Path(local))
 
     def set_pointer(self, prefix: str, name: str, target: str) -> None:
         import secrets

@@ -278,9 +278,10 @@ def test_localize_fetches_once_and_verifies(s3_root, tmp_path, caplog):
         assert not os.access(path / rel, os.W_OK) or os.geteuid() == 0  # read-only blobs
     assert json.loads((path / "manifest.json").read_text()) == manifest
 
+    # a version does not change once published: an intact copy is used without asking the store
     store.stats.clear()
     assert cache.localize(store, "ds/forest/v1-abc") == path
-    assert store.stats["downloads"] == 0  # only the manifest was read
+    assert sum(store.stats.values()) == 0
 
     # a cached blob damaged on this disk is noticed (its mtime moved), logged and fetched again
     nodes = path / "index" / "nodes.npy"
@@ -289,22 +290,36 @@ def test_localize_fetches_once_and_verifies(s3_root, tmp_path, caplog):
     store.stats.clear()
     with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
         assert cache.localize(store, "ds/forest/v1-abc") == path
-    assert "does not have the sha256" in caplog.text
+    assert caplog.text.count("does not have the sha256") == 1
     assert store.stats["downloads"] == 1
     assert nodes.read_bytes() == (local / "index" / "nodes.npy").read_bytes()
 
-    # damage that keeps size and mtime slips past the quick check; verify=True hashes everything
+    # damage that keeps size and mtime is noticed too (its ctime moved, as for artifacts.verify_once)
     st = nodes.stat()
     os.chmod(nodes, 0o644)
     with open(nodes, "r+b") as f:
         f.write(b"\xff\xfe")
     os.utime(nodes, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (nodes.stat().st_size, nodes.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
     store.stats.clear()
     cache.localize(store, "ds/forest/v1-abc")
-    assert store.stats["downloads"] == 0
-    cache.localize(store, "ds/forest/v1-abc", verify=True)
     assert store.stats["downloads"] == 1
     assert nodes.read_bytes() == (local / "index" / "nodes.npy").read_bytes()
+
+    # touched but intact (a chmod moves ctime): hashed once, its new state recorded, nothing fetched
+    os.chmod(nodes, 0o444)
+    store.stats.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
+        assert cache.localize(store, "ds/forest/v1-abc") == path
+    assert sum(store.stats.values()) == 0 and "sha256" not in caplog.text
+    state = json.loads((path / cache.STATE).read_text())
+    assert state["files"]["index/nodes.npy"] == list(cache._state(nodes))
+
+    # verify=True reads the store's manifest and hashes every file
+    store.stats.clear()
+    cache.localize(store, "ds/forest/v1-abc", verify=True)
+    assert store.stats["reads"] == 1 and store.stats["downloads"] == 0
 
 
 def test_localize_refuses_a_tampered_object(s3_root, tmp_path, monkeypatch):
@@ -321,6 +336,92 @@ def test_localize_refuses_a_tampered_object(s3_root, tmp_path, monkeypatch):
     blobs = tmp_path / "fresh-scratch" / "cache" / "sha256"
     assert manifest["files"]["index/nodes.npy"]["sha256"] not in os.listdir(blobs)
     assert not [n for n in os.listdir(blobs) if n.endswith(".tmp")]
+
+
+class _CountingFs:
+    """A pyarrow filesystem that records the name of every call (one call is one request or more)."""
+
+    def __init__(self, fs, calls: list):
+        self._fs, self._calls = fs, calls
+
+    def __getattr__(self, name):
+        attr = getattr(self._fs, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            self._calls.append(name)
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def _publish_chain(store: Store, tmp_path: Path, evaluate: str) -> dict[str, str]:
+    """A split, forests of 2 and 4 trees and an evaluation ``ds/evaluate/<evaluate>`` naming them."""
+    keys = {"split": "ds/split/v1-5a", "forest_2": "ds/forest/v1-f2", "forest_4": "ds/forest/v1-f4"}
+    for name, key in keys.items():
+        if not store.exists(f"{key}/manifest.json"):
+            store.publish_version(key, make_version(tmp_path / name, seed=int(name[-1]) if "_" in name else 0),
+                                  {"stage": key.split("/")[1]})
+    store.publish_version(f"ds/evaluate/{evaluate}", make_version(tmp_path / evaluate, seed=1),
+                          {"stage": "evaluate", "dataset": "ds", "version": evaluate, "parents": keys})
+    return keys
+
+
+def test_open_serving_reads_one_pointer_and_follows_it(store, tmp_path, monkeypatch, caplog):
+    """What serves, opened: the pointer -> the evaluation's manifest -> its split and its forest with
+    the most trees, checked. On an object store a later open costs one request (the pointer), a
+    promotion is followed at once, and a damaged cached file or manifest is still caught."""
+    keys = _publish_chain(store, tmp_path / "one", "v1-e1")
+    assert cache.open_serving(store, "ds") is None  # nothing serves yet
+    store.set_pointer("ds", layout.SERVING, "evaluate/v1-e1")
+    served = cache.open_serving(store, "ds")
+    assert (served.version, served.split, served.forest) == ("v1-e1", keys["split"], keys["forest_4"])
+    assert served.manifest["parents"] == keys
+    for directory, manifest in ((served.split_dir, served.split_manifest), (served.forest_dir, served.forest_manifest)):
+        for rel, info in manifest["files"].items():
+            assert sha256((directory / rel).read_bytes()) == info["sha256"]
+
+    calls: list[str] = []
+    if not store.is_local:
+        real = store._fs
+        monkeypatch.setattr(store, "_fs", lambda multipart=False: _CountingFs(real(multipart), calls))
+        monkeypatch.setattr(store, "_bucket_ok", False)  # a new process: the bucket was not checked yet
+    again = cache.open_serving(store, "ds")
+    assert (again.split_dir, again.forest_dir) == (served.split_dir, served.forest_dir)
+    if not store.is_local:
+        assert calls == ["open_input_stream"]  # the serving pointer, and nothing else
+
+    # a promotion is followed at once
+    _publish_chain(store, tmp_path / "two", "v1-e2")
+    store.set_pointer("ds", layout.SERVING, "evaluate/v1-e2")
+    assert cache.open_serving(store, "ds").version == "v1-e2"
+
+    # a damaged file of the forest: a local root refuses it; an object store's cached copy is fetched again
+    nodes = served.forest_dir / "index" / "nodes.npy"
+    os.chmod(nodes, 0o644)
+    nodes.write_bytes(b"\xff" * nodes.stat().st_size)
+    if store.is_local:
+        with pytest.raises(ArtifactError, match=r"nodes\.npy: sha256 .* does not match .*grove run ds --rebuild"):
+            cache.open_serving(store, "ds")
+    else:
+        with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
+            fixed = cache.open_serving(store, "ds")
+        assert "does not have the sha256" in caplog.text
+        assert sha256(nodes.read_bytes()) == fixed.forest_manifest["files"]["index/nodes.npy"]["sha256"]
+        # a damaged cached manifest is read from the store again
+        kept = cache.manifest_path(store, "ds/evaluate/v1-e2")
+        assert kept.is_relative_to(Path(os.environ["GROVE_SCRATCH"]) / "cache")
+        kept.write_text(kept.read_text().replace('"forest_4"', '"forest_3"'))
+        calls.clear()
+        assert cache.open_serving(store, "ds").forest == keys["forest_4"]
+        assert calls.count("open_input_stream") == 2  # the pointer and the manifest
+
+    # the pointer names a version that is not there
+    store.set_pointer("ds", layout.SERVING, "evaluate/v1-e9")
+    with pytest.raises(ArtifactError, match=r"ds: the serving version evaluate/v1-e9 is missing under the "
+                                            r"artifact root .*`grove rollback ds`"):
+        cache.open_serving(store, "ds")
 
 
 def test_two_processes_fill_the_cache_at_once(s3_root, tmp_path):
@@ -488,6 +589,34 @@ def test_server_gone_in_the_middle_of_an_upload(s3_server, s3_root, tmp_path):
     manifest = store.publish_version(prefix, local, {"stage": "embed"})
     assert_manifest_matches_bytes(store, prefix, manifest)
     assert manifest["files"]["vectors.arrow"]["bytes"] == 48 << 20
+
+
+@pytest.mark.slow  # waits out request timeouts: about 25 s, mostly asleep
+def test_a_server_that_stops_answering(s3_server, s3_root):
+    """A network cut that drops packets (the server frozen with SIGSTOP: connections open, no answer):
+    the first request fails once its attempts have timed out, naming the root and the cause; the
+    store is then taken for down and a later request makes one attempt, so a run on its way out
+    (cleanups, lookups) ends in seconds; once the server answers again, requests succeed."""
+    import signal
+
+    store = open_store(s3_root)
+    store.write_bytes("ds/x", b"1")
+    os.kill(s3_server.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=rf"cannot reach the S3 endpoint {s3_server.endpoint} for {s3_root}: no "
+                                             r"answer within 5 s \(timed out\) \(while reading"):
+            store.read_bytes("ds/x")
+        first = time.monotonic() - started
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=r"no answer within 5 s \(timed out\) \(while looking up"):
+            store.exists("ds/y")
+        later = time.monotonic() - started
+    finally:
+        os.kill(s3_server.proc.pid, signal.SIGCONT)
+    assert 10 < first < 30, first  # three attempts of 5 s, with backoff
+    assert later < 9, later  # one attempt
+    assert store.read_bytes("ds/x") == b"1"
 
 
 def test_a_large_gzip_file_round_trips(store, tmp_path):
