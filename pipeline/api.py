@@ -192,7 +192,6 @@ class _Version:
         self.retired = False
         self._rows: dict[str, int] | None = None
         self._rows_lock = threading.Lock()
-        self._lookups = 0
 
     def rows(self) -> dict[str, int]:
         """key -> row: i >= 0 for row i of the base, -1 - i for row i of the held-out queries (a base
@@ -208,12 +207,10 @@ class _Version:
     def lookup(self, key: str) -> np.ndarray | None:
         """The vector of item ``key``, float32 (dim,) (a copy), or None when there is none.
 
-        The first lookups search the mapped key columns (milliseconds; a one-off query does not
-        build a dict of every key, 0.2 s for GloVe's 400k); a handle that keeps looking up builds
-        the dict (``rows``) once."""
-        self._lookups += 1
-        if self._rows is not None or self._lookups > _LOOKUPS_BEFORE_DICT:
-            row = self.rows().get(key)
+        Searches the mapped key columns (about 0.1 ms per 100,000 keys): no dict of every key is
+        built, which at 3M keys would cost seconds of one query and hundreds of MB."""
+        if self._rows is not None:
+            row = self._rows.get(key)
         else:
             row = self.base.find(key)
             if row is None:
@@ -227,9 +224,6 @@ class _Version:
         """Drop every reference into the mapped files, so that they are unmapped."""
         self.forest = self.base = self.queries = None
         self._rows = None
-
-
-_LOOKUPS_BEFORE_DICT = 16  # key lookups a handle answers by searching the key column before it builds a dict
 
 
 def _forest_of(root: str, evaluate_manifest: dict) -> artifacts.ArtifactRef:
