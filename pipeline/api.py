@@ -154,12 +154,14 @@ def _root_text(root: str) -> str:
 def _dataset_kind(root: str, split_manifest: dict) -> str | None:
     """The dataset's kind (``idx``, ``word2vec``...) as its decode stage recorded it, found through
     the split's ancestry (split -> embed -> decode); None when that cannot be read."""
+    from .cache import cached_manifest
+
     store = artifacts.store_of(root)
     try:
-        embed = store.read_json(layout.manifest_key(split_manifest["parents"]["embed"]))
-        decode = store.read_json(layout.manifest_key(embed["parents"]["decode"]))
+        embed = cached_manifest(store, split_manifest["parents"]["embed"])  # this machine's copy once read
+        decode = cached_manifest(store, embed["parents"]["decode"])
         return str(decode["params"]["kind"])
-    except (FileNotFoundError, KeyError, TypeError, ValueError) as exc:
+    except (ArtifactError, KeyError, TypeError, ValueError) as exc:
         log.debug("the kind of %s is unknown (%s)", split_manifest.get("dataset"), exc)
         return None
 
@@ -172,9 +174,12 @@ class _Version:
         from .forest import Forest
         from .vectors import read_vectors
 
-        split_manifest = artifacts.verify_once(split)  # missing or damaged: ArtifactError before any answer
-        artifacts.verify_once(forest)
-        split_dir, forest_dir = artifacts.local_dir(split), artifacts.local_dir(forest)
+        from .cache import open_version
+
+        # checked (verify_once's stamps; on an object store this machine's copy, without a request when
+        # intact): missing or damaged, ArtifactError before any answer
+        split_dir, split_manifest = open_version(split.store, split.key)
+        forest_dir, _ = open_version(forest.store, forest.key)
         self.dataset, self.version = dataset, version
         self.split_version, self.forest_version = split.version, forest.version
         self.forest = Forest.load(forest_dir / layout.INDEX_DIR)
@@ -237,15 +242,18 @@ def _forest_of(root: str, evaluate_manifest: dict) -> artifacts.ArtifactRef:
 
 
 def _open_evaluation(root: str, dataset: str, version: str, serving: bool) -> _Version:
+    from .cache import cached_manifest
+
     ref = artifacts.ref_from_key(root, layout.version_key(dataset, layout.SERVED_STAGE, version))
-    if not ref.exists():
+    try:
+        manifest = cached_manifest(ref.store, ref.key)  # a published version does not change: read once per machine
+    except ArtifactError:
         if serving:
             raise ArtifactError(f"{dataset}: the serving version {layout.serving_target(version)} is missing under "
                                 f"the artifact root {_root_text(root)} (removed as damaged, or deleted); run `grove "
                                 f"run {dataset} --rebuild` to build it again, or `grove rollback {dataset}`")
         raise ArtifactError(f"{dataset}: no version {layout.serving_target(version)} under the artifact root "
                             f"{_root_text(root)}; `grove versions {dataset} evaluate` lists them")
-    manifest = artifacts.read_manifest(ref, verify="none")
     split = artifacts.ref_from_key(root, manifest["parents"]["split"])
     return _Version(dataset, version, split, _forest_of(root, manifest))
 

@@ -8,7 +8,8 @@ previous version keeps serving); 8 the artifact root cannot be used (a ``StoreEr
 whose endpoint does not answer, that refuses the credentials, has no such bucket or no write
 permission, or a connection lost in the middle of a transfer): nothing half-published, run again once
 it answers. ``grove run`` and ``grove rebuild`` probe an object-store root (list, write and delete one
-small object) before any task runs; a store that fails in the middle of a task fails that task (1).
+small object) before any task runs; a store that fails in the middle of a task fails that task, and
+the run exits 8 when every failed task failed that way (1 otherwise).
 """
 
 from __future__ import annotations
@@ -175,6 +176,11 @@ def _build(tasks: list, args: argparse.Namespace) -> int:
         LuigiStatusCode.MISSING_EXT: EXIT_MISSING,
     }
     code = codes.get(result.status, EXIT_FAILED)
+    reasons = [failure["reason"] for failure in logs.failures()]
+    if code == EXIT_FAILED and reasons and all(r.startswith(f"{StoreError.__name__}:") for r in reasons):
+        # every task that failed, failed because the artifact root could not be used (the store went
+        # away mid-run): exit 8, as for a root found unusable before the run; nothing was half-published
+        return EXIT_STORE
     if code == EXIT_NOT_RUN and all(task.complete() for task in tasks):
         # Under luigid another worker may have run tasks this one was waiting for; what was asked
         # for exists, so the run succeeded (two cron jobs on one chain must both report success).

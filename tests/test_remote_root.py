@@ -1,6 +1,7 @@
 """An artifact root on an object store (a real SeaweedFS S3 server, tests/s3server.py): the tiny MNIST
 chain built, listed, verified, promoted, rolled back, queried, collected and reported through the
-`grove` command with GROVE_ARTIFACTS=s3://..., and the same reproducible bytes as a local run."""
+`grove` command with GROVE_ARTIFACTS=s3://..., and the same reproducible bytes as a local run; and a
+`grove run` whose server is killed in the middle of an upload, then started again."""
 
 from __future__ import annotations
 
