@@ -288,8 +288,13 @@ class Forest:
         consecutive ranges, concatenated; ``load_trees`` reads them back): they are assembled
         instead of built, into the arrays a build in one piece gives (tree t depends only on the
         data and its own seed, so a forest is the same bytes however its trees were shared out).
+
+        ``overwrite=True``: ``vectors`` (float32, C-contiguous, writable) may be modified and kept
+        by the index (angular rows are normalised in place) instead of copied: for a caller that
+        read them for the index alone (``read_vectors(..., private=True)``), one copy of the rows
+        in memory instead of two.
         """
-        prep = cls._prepare(vectors, metric, n_trees, leaf_size, seed, n_threads, split_dim)
+        prep = cls._prepare(vectors, metric, n_trees, leaf_size, seed, n_threads, split_dim, overwrite)
         t0 = time.perf_counter()
         if trees is None:
             trees = cls._trees_of(prep, 0, int(n_trees), progress)

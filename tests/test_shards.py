@@ -124,3 +124,6 @@ def test_a_forest_built_over_its_own_private_rows_is_the_same(tmp_path, metric):
     copied = Forest.build(mapped.vectors, metric=metric, n_trees=3, leaf_size=10, seed=1).arrays()
     in_place = Forest.build(private.vectors, metric=metric, n_trees=3, leaf_size=10, seed=1, overwrite=True).arrays()
     assert all(np.array_equal(copied[k], in_place[k]) for k in copied)
+    if metric == "angular":  # normalised where they lie: the index holds the caller's rows, not a copy
+        assert np.shares_memory(in_place["vectors"], private.vectors)
+        assert not np.shares_memory(copied["vectors"], mapped.vectors)
