@@ -32,7 +32,6 @@ import configparser
 import contextlib
 import logging
 import os
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ import numpy as np
 
 from . import artifacts, layout
 from .errors import ArtifactError, ConfigError, IndexMismatchError
-from .paths import check_name
+from .paths import check_name, grove_section, locate_luigi_cfg
 
 log = logging.getLogger(__name__)
 
@@ -95,24 +94,6 @@ class Neighbors:
 # --- the artifact root when none is given --------------------------------------------------------
 
 
-_CONFIG_NAME = "luigi.cfg"
-_CHECKOUT_CONFIG = Path(__file__).resolve().parents[1] / _CONFIG_NAME
-_ENV_REF = re.compile(r"\$\{([^}]+)\}")
-
-
-def _locate_luigi_cfg() -> Path | None:
-    """The luigi.cfg grove's commands use (the rule of ``tasks/settings.py``, without importing luigi):
-    LUIGI_CONFIG_PATH, else the nearest luigi.cfg from the working directory up, else the checkout's."""
-    env = os.environ.get("LUIGI_CONFIG_PATH")
-    if env:
-        return Path(env).resolve()
-    here = Path.cwd().resolve()
-    for directory in (here, *here.parents):
-        if (directory / _CONFIG_NAME).is_file():
-            return directory / _CONFIG_NAME
-    return _CHECKOUT_CONFIG if _CHECKOUT_CONFIG.is_file() else None
-
-
 def default_root() -> Path | str:
     """The artifact root grove's commands use: GROVE_ARTIFACTS (relative to the working directory),
     else ``[grove] artifacts`` of luigi.cfg (relative to that file's directory), else ``artifacts``
@@ -120,18 +101,11 @@ def default_root() -> Path | str:
     are applied as the commands apply them (the AWS environment variables win)."""
     from .store import configure_store
 
-    path = _locate_luigi_cfg()
-    section: dict[str, str] = {}
-    if path is not None and path.is_file():
-        parser = configparser.ConfigParser(interpolation=None)
-        try:
-            parser.read(path, encoding="utf-8")
-        except configparser.Error as exc:
-            raise ConfigError(f"{path}: cannot be read ({exc}); fix it or set GROVE_ARTIFACTS") from exc
-        if parser.has_section("grove"):
-            # luigi expands ${VAR} from the environment in its values
-            section = {k: _ENV_REF.sub(lambda m: os.environ.get(m.group(1), m.group(0)), v)
-                       for k, v in parser.items("grove")}
+    path = locate_luigi_cfg()
+    try:
+        section = grove_section(path)
+    except configparser.Error as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc}); fix it or set GROVE_ARTIFACTS") from exc
     env = os.environ.get("GROVE_ARTIFACTS")
     value = env or section.get("artifacts", "").strip() or "artifacts"
     configure_store(section.get("s3_endpoint", ""), section.get("s3_region", ""))
@@ -195,32 +169,17 @@ class _Version:
         self.normalized = self.base.meta.get("model") == "normalized"
         self.users = 0
         self.retired = False
-        self._rows: dict[str, int] | None = None
-        self._rows_lock = threading.Lock()
-
-    def rows(self) -> dict[str, int]:
-        """key -> row: i >= 0 for row i of the base, -1 - i for row i of the held-out queries (a base
-        key wins). Built once, on first use."""
-        if self._rows is None:
-            with self._rows_lock:
-                if self._rows is None:
-                    rows = {key: -1 - i for i, key in enumerate(self.queries.keys)}
-                    rows.update((key, i) for i, key in enumerate(self.base.keys))
-                    self._rows = rows
-        return self._rows
 
     def lookup(self, key: str) -> np.ndarray | None:
         """The vector of item ``key``, float32 (dim,) (a copy), or None when there is none.
 
         Searches the mapped key columns (about 0.1 ms per 100,000 keys): no dict of every key is
-        built, which at 3M keys would cost seconds of one query and hundreds of MB."""
-        if self._rows is not None:
-            row = self._rows.get(key)
-        else:
-            row = self.base.find(key)
-            if row is None:
-                held_out = self.queries.find(key)
-                row = None if held_out is None else -1 - held_out
+        built, which at 3M keys would cost seconds of one query and hundreds of MB. A base key wins
+        over a held-out one."""
+        row = self.base.find(key)
+        if row is None:
+            held_out = self.queries.find(key)
+            row = None if held_out is None else -1 - held_out
         if row is None:
             return None
         return np.array(self.base.vectors[row] if row >= 0 else self.queries.vectors[-1 - row], dtype=np.float32)
@@ -228,7 +187,6 @@ class _Version:
     def close(self) -> None:
         """Drop every reference into the mapped files, so that they are unmapped."""
         self.forest = self.base = self.queries = None
-        self._rows = None
 
 
 def _forest_of(root: str, evaluate_manifest: dict) -> artifacts.ArtifactRef:

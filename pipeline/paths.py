@@ -124,6 +124,39 @@ def file_sha256(path: str | os.PathLike) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+LUIGI_CFG = "luigi.cfg"
+_CHECKOUT_LUIGI_CFG = Path(__file__).resolve().parents[1] / LUIGI_CFG
+_ENV_REF = re.compile(r"\$\{([^}]+)\}")
+
+
+def locate_luigi_cfg(cwd: Path | None = None) -> Path | None:
+    """The luigi.cfg grove uses, first match wins: ``LUIGI_CONFIG_PATH``; ``luigi.cfg`` in the working
+    directory or the nearest parent that has one; the checkout's (``pip install -e``). None if none."""
+    env = os.environ.get("LUIGI_CONFIG_PATH")
+    if env:
+        return Path(env).resolve()
+    here = (cwd or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        if (directory / LUIGI_CFG).is_file():
+            return directory / LUIGI_CFG
+    return _CHECKOUT_LUIGI_CFG if _CHECKOUT_LUIGI_CFG.is_file() else None
+
+
+def grove_section(path: Path | None) -> dict[str, str]:
+    """``[grove]`` of the luigi.cfg at ``path``, read without importing Luigi, ``${VAR}`` expanded from
+    the environment as Luigi does ({} when there is no file or section). configparser.Error when the
+    file cannot be parsed."""
+    import configparser
+
+    if path is None or not Path(path).is_file():
+        return {}
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(path, encoding="utf-8")
+    if not parser.has_section("grove"):
+        return {}
+    return {k: _ENV_REF.sub(lambda m: os.environ.get(m.group(1), m.group(0)), v) for k, v in parser.items("grove")}
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this id runs on this machine."""
     try:

@@ -16,26 +16,17 @@ from __future__ import annotations
 
 import configparser
 import os
-import re
 import sys
 from pathlib import Path
 
-CONFIG_NAME = "luigi.cfg"
-_CHECKOUT_CONFIG = Path(__file__).resolve().parents[1] / CONFIG_NAME
+from pipeline.paths import LUIGI_CFG as CONFIG_NAME, grove_section, locate_luigi_cfg
+
 _state: dict = {"path": None, "installed": False, "pending": False}
 
 
 def locate_config(cwd: Path | None = None) -> Path | None:
     """The luigi.cfg grove uses (see the module docstring), or None when there is none."""
-    env = os.environ.get("LUIGI_CONFIG_PATH")
-    if env:
-        return Path(env).resolve()
-    here = (cwd or Path.cwd()).resolve()
-    for directory in (here, *here.parents):
-        candidate = directory / CONFIG_NAME
-        if candidate.is_file():
-            return candidate
-    return _CHECKOUT_CONFIG if _CHECKOUT_CONFIG.is_file() else None
+    return locate_luigi_cfg(cwd)
 
 
 def install() -> Path | None:
@@ -59,9 +50,6 @@ def install() -> Path | None:
     return _state["path"]
 
 
-_ENV_REF = re.compile(r"\$\{(\w+)\}")
-
-
 def grove_option(name: str) -> str | None:
     """``[grove] <name>`` of the located luigi.cfg, read without importing Luigi (``${VAR}`` expanded
     from the environment, as Luigi does); None when it is not set. Once Luigi is imported (a command
@@ -72,17 +60,10 @@ def grove_option(name: str) -> str | None:
         install()
         value = luigi.configuration.get_config().get("grove", name, None)
         return None if value is None else str(value)
-    path = install()
-    if path is None or not path.is_file():
-        return None
-    parser = configparser.ConfigParser(interpolation=None)
     try:
-        parser.read(path, encoding="utf-8")
+        return grove_section(install()).get(name)
     except configparser.Error:
         return None  # Luigi reports a broken file when a task needs it
-    if not parser.has_option("grove", name):
-        return None
-    return _ENV_REF.sub(lambda m: os.environ.get(m.group(1), m.group(0)), parser.get("grove", name))
 
 
 def config_path() -> Path | None:
