@@ -81,6 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings()
     for dataset in args.datasets:  # every config is checked before any work starts
         _check_sources(load_config(dataset, settings.config_dir()), settings)
+    settings.shard_count()  # a bad GROVE_SHARDS is a config error (exit 2) before any work
     _check_root(settings.artifact_root())
     chains = [Chain(dataset=d) for d in args.datasets]
     removed, outside = [], []
@@ -322,6 +323,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     for dataset in settings.rebuild_list():
         cfg = load_config(dataset, settings.config_dir())
         _check_sources(cfg, settings)
+    settings.shard_count()  # a bad GROVE_SHARDS is a config error (exit 2) before any work
     _check_root(root)
     if args.log:
         Path(args.log).parent.mkdir(parents=True, exist_ok=True)

@@ -99,13 +99,19 @@ def test_a_sharded_chain_publishes_the_same_versions_and_bytes(tiny_mnist, tmp_p
     assert parts == {"embed-part": 3, "exact-part": 3, "forest-part": 3}
 
 
-def test_bad_shard_setting_is_a_config_error(tiny_mnist, monkeypatch):
+@pytest.mark.parametrize("value", ["zero", "0", "-2"])
+def test_bad_shard_setting_is_a_config_error_before_any_work(tiny_mnist, monkeypatch, capsys, value):
     from pipeline.errors import ConfigError
     from tasks.base import grove
+    from tasks.cli import main
 
-    monkeypatch.setenv("GROVE_SHARDS", "zero")
+    monkeypatch.setenv("GROVE_SHARDS", value)
     with pytest.raises(ConfigError, match="GROVE_SHARDS"):
         grove().shard_count()
+    assert main(["run", "tinymnist"]) == 2
+    err = capsys.readouterr().err
+    assert f"GROVE_SHARDS / luigi.cfg [grove] shards = {value!r}: it must be a whole number >= 1" in err
+    assert not tiny_mnist["root"].exists()  # nothing fetched, nothing built
 
 
 @pytest.mark.parametrize("metric", ["angular", "dot"])
