@@ -10,7 +10,8 @@ the vectors the stage reads (3.6 GB here): the issue's bound is 2.5x that.
 
     .venv/bin/python benchmarks/make_word2vec.py --out /data/w2v/GoogleNews-synthetic-3M-300.bin.gz
     GROVE_CONFIGS=/data/w2v/configs GROVE_ARTIFACTS=/data/w2v-art \\
-        .venv/bin/python benchmarks/w2v3m.py [--dataset word2vec-google-news-300] [--out table.md]
+        .venv/bin/python benchmarks/w2v3m.py [--dataset word2vec-google-news-300] [--out table.md] \\
+        [--only Forest-50,Evaluate]
 
 Prints a markdown table (and writes it to --out).
 """
@@ -64,10 +65,17 @@ def main() -> int:
     p.add_argument("--dataset", default="word2vec-google-news-300")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--logs", type=Path, default=Path("/tmp/w2v3m-logs"))
+    p.add_argument("--only", default=None, help="comma-separated stages to run, as the table names them "
+                   "(e.g. Forest-50,Evaluate); the stages before them must be built")
     args = p.parse_args()
     args.logs.mkdir(parents=True, exist_ok=True)
+    names = {family + "".join(f"-{v}" for v in params.values()): (family, params) for family, params in STAGES}
+    chosen = list(names) if args.only is None else [n.strip() for n in args.only.split(",")]
+    unknown = [n for n in chosen if n not in names]
+    if unknown:
+        p.error(f"--only: unknown stage {', '.join(unknown)}; choose from {', '.join(names)}")
     rows = []
-    for family, params in STAGES:
+    for family, params in (names[n] for n in chosen):
         row = run_stage(family, params, args.dataset, args.logs)
         if row["status"] == 0:
             row["version"], row["bytes"] = version_bytes(args.dataset, family, params)

@@ -53,6 +53,17 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def unit_rows(x: np.ndarray, tol: float = 1e-4, block: int = 65536) -> bool:
+    """Whether every row of ``x`` (n, d) has unit L2 norm within ``tol`` (all-zero rows allowed), read
+    block by block: a memory-mapped array is checked without a copy of it."""
+    for start in range(0, x.shape[0], block):
+        b = np.asarray(x[start : start + block], dtype=np.float32)
+        sq = np.einsum("ij,ij->i", b, b, dtype=np.float64)
+        if not np.all((np.abs(sq - 1.0) <= tol) | (sq == 0.0)):
+            return False
+    return True
+
+
 def rerank(query: np.ndarray, base: np.ndarray, cand: np.ndarray, metric: str) -> np.ndarray:
     """float64 (m,) distances from ``query`` (d,) to ``base[cand]``, summed in a fixed order.
     For angular, both must already be normalised (see ``normalize_rows``)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import logging
 import os
@@ -149,18 +150,19 @@ def _part_params(whole: Callable[..., dict]) -> Callable[..., dict]:
     return params
 
 
-def _evaluate_params(cfg: DatasetConfig, n_queries_available: int | None = None, **_: Any) -> dict:
-    # n_queries_available: the split's query count (None while it is not built): n_queries = 0 (time
-    # every query) and anything above the count resolve to the count. The code defaults that decide
-    # stored results (recall's tolerance, passes per QPS, exact search's timed queries) are part of
-    # the digest too.
-    from .evaluate import EXACT_TIMED_MAX, RECALL_EPSILON, REPEATS
+def _evaluate_params(cfg: DatasetConfig, n_queries_available: int | None = None, n_base: int | None = None,
+                     **_: Any) -> dict:
+    # n_queries_available, n_base: the split's query and base counts (None while it is not built):
+    # n_queries = 0 (time every query) and anything above the count resolve to the count. The code
+    # defaults that decide stored results (recall's tolerance, passes per QPS, exact search's timed
+    # queries, fewer over a large base) are part of the digest too.
+    from .evaluate import RECALL_EPSILON, REPEATS, exact_timed_count
 
     ev = cfg.evaluate.as_dict()
     available = n_queries_available
     if available is not None:
         ev["n_queries"] = min(ev["n_queries"] or available, available)
-    n_timed_exact = None if available is None else min(ev["n_queries"], EXACT_TIMED_MAX)
+    n_timed_exact = None if available is None else exact_timed_count(ev["n_queries"], n_base)
     return {**ev, "recall_epsilon": RECALL_EPSILON, "repeats": REPEATS, "n_timed_exact": n_timed_exact}
 
 
@@ -521,7 +523,7 @@ def write_evaluate(cfg: DatasetConfig, embedded: Path, split: Path, exact: Path,
     median of ``evaluate.REPEATS`` warmed-up passes over the n_timed queries, with its min and max.
     ``evaluate.n_queries`` = 0 times every query. Progress runs to 0.9; the report that follows finishes it.
     """
-    from .evaluate import EXACT_TIMED_MAX, REPEATS, finite_or_none
+    from .evaluate import REPEATS, exact_timed_count, finite_or_none
     from .forest import Forest
     from .progress import Rate, format_duration
 
@@ -535,7 +537,8 @@ def write_evaluate(cfg: DatasetConfig, embedded: Path, split: Path, exact: Path,
         raise ConfigError(f"{cfg.path}: evaluate.n_queries = {ev.n_queries}; use 0 (time every query) "
                           f"or a positive number of queries")
     n_timed = len(queries) if ev.n_queries == 0 else min(ev.n_queries, len(queries))
-    n_timed_exact = min(n_timed, EXACT_TIMED_MAX)
+    base = read_vectors(split / layout.BASE).vectors  # memory-mapped
+    n_timed_exact = exact_timed_count(n_timed, len(base))
     rows: list[dict] = []
     n_cells = len(forests) * len(ev.search_k)
     rate = Rate(n_cells + 1, "settings")
@@ -554,10 +557,15 @@ def write_evaluate(cfg: DatasetConfig, embedded: Path, split: Path, exact: Path,
                                 progress=lambda d, t, m, n_trees=n_trees: cell(d, m, n_trees)):
             rows.append({**row, "build_seconds": built["build_seconds"], "index_bytes": built["index_bytes"]})
         done += len(ev.search_k)
-    base = read_vectors(split / layout.BASE).vectors
+        # Unmap this index before the next: each holds its own rows (3.6 GB at 3M x 300), and the
+        # pages a sweep touched would otherwise stay in this process's resident set.
+        del forest
+        gc.collect()
     report(0.9 * done / (n_cells + 1), f"exact search baseline: {REPEATS} x {n_timed_exact:,} timed queries")
     rows.append({**exact_baseline(base, queries, k, cfg.embed.metric, n_timed_exact),
                  "build_seconds": 0.0, "index_bytes": int(base.nbytes)})
+    del base
+    gc.collect()
     rows = finite_or_none([{"method": "exact" if r["n_trees"] == 0 else "forest", **r} for r in rows])
     pq.write_table(pa.Table.from_pylist(rows), out / RESULTS_PARQUET)  # every column, for analysis
     quality = embedding_quality(cfg, embedded, split, exact, root)
@@ -747,7 +755,7 @@ register(Stage("forest", 3, _forest_params, _late(_here, 'write_forest'), files=
 register(Stage("evaluate", 2, _evaluate_params, _late(_here, 'write_evaluate'),
                files=(RESULTS_JSON, TIMINGS_JSON, RESULTS_PARQUET, REPORT_HTML, REPORT_JSON),
                measured=(TIMINGS_JSON, RESULTS_PARQUET, REPORT_HTML, REPORT_JSON),
-               parents=("embed", "split", "exact", "forest"), context=("n_queries_available",)))
+               parents=("embed", "split", "exact", "forest"), context=("n_queries_available", "n_base")))
 
 STAGES: Mapping[str, Stage] = MappingProxyType(_REGISTRY)  # every stage, in chain order
 STAGE_NAMES: tuple[str, ...] = tuple(_REGISTRY)

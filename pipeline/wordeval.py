@@ -52,9 +52,16 @@ class _Vocab:
 
     ``index[key]`` is the row of the first (most frequent) word folding to ``key``; ``vectors`` is
     ``(n, dim)`` float32 with unit rows (all-zero rows stay zero).
+
+    With ``wanted`` (a set of folded keys), only those keys are indexed and only their rows are
+    normalised: ``vectors`` then holds one unit row per found key, ``index`` points into it, and
+    ``keys``/``groups`` are empty. Word similarity needs a few hundred rows of a vocabulary that may
+    have millions (3M x 300 is 3.6 GB: normalising all of it would copy all of it). Each row is
+    normalised alone (``normalize_rows`` is row by row), so the rows have the same bits either way.
     """
 
-    def __init__(self, words: Sequence[str], vectors: np.ndarray, restrict_vocab: int | None, case_insensitive: bool):
+    def __init__(self, words: Sequence[str], vectors: np.ndarray, restrict_vocab: int | None, case_insensitive: bool,
+                 wanted: set[str] | None = None):
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or len(words) != vectors.shape[0]:
             raise ConfigError(
@@ -66,9 +73,20 @@ class _Vocab:
             raise ConfigError(f"restrict_vocab must be a positive integer or None, got {restrict_vocab!r}")
         n = len(words) if restrict_vocab is None else min(int(restrict_vocab), len(words))
         self.fold = str.upper if case_insensitive else (lambda w: w)
-        self.keys = [self.fold(w) for w in words[:n]]
         self.index: dict[str, int] = {}
         self.groups: dict[str, list[int]] = {}  # keys shared by several rows ("Apple", "apple")
+        if wanted is not None:
+            self.keys: list[str] = []
+            rows: list[int] = []
+            for i, w in enumerate(words[:n]):
+                k = self.fold(w)
+                if k in wanted and k not in self.index:
+                    self.index[k] = len(rows)
+                    rows.append(i)
+            self.vectors = normalize_rows(np.asarray(vectors[np.array(rows, dtype=np.int64)], dtype=np.float32)
+                                          .reshape(len(rows), vectors.shape[1]))
+            return
+        self.keys = [self.fold(w) for w in words[:n]]
         for i, k in enumerate(self.keys):
             if k in self.index:
                 self.groups.setdefault(k, [self.index[k]]).append(i)
@@ -138,24 +156,28 @@ def word_similarity(
     from scipy import stats
 
     path = _check_file(pairs_path)
-    vocab = _Vocab(words, vectors, restrict_vocab, case_insensitive)
-    model, gold = [], []
-    n_oov = n_invalid = 0
+    fold = str.upper if case_insensitive else (lambda w: w)
+    pairs = []
+    n_invalid = 0
     with open(path, encoding="utf-8") as fin:
         for line in fin:
             if not line or line.startswith("#"):
                 continue
             try:
-                a, b, score = (vocab.fold(x) for x in line.split(delimiter))
-                score = float(score)
+                a, b, score = (fold(x) for x in line.split(delimiter))
+                pairs.append((a, b, float(score)))
             except ValueError:
                 n_invalid += 1
-                continue
-            if a not in vocab.index or b not in vocab.index:
-                n_oov += 1
-                continue
-            model.append(_cosine(vocab.vectors, vocab.index[a], vocab.index[b]))
-            gold.append(score)
+    # only the pairs' words are looked up and normalised, not the whole vocabulary
+    vocab = _Vocab(words, vectors, restrict_vocab, case_insensitive, wanted={w for a, b, _ in pairs for w in (a, b)})
+    model, gold = [], []
+    n_oov = 0
+    for a, b, score in pairs:
+        if a not in vocab.index or b not in vocab.index:
+            n_oov += 1
+            continue
+        model.append(_cosine(vocab.vectors, vocab.index[a], vocab.index[b]))
+        gold.append(score)
     if n_invalid:
         log.warning("%s: skipped %d lines that are not 'word1%sword2%sscore'", path, n_invalid, delimiter, delimiter)
     n_pairs = len(gold)

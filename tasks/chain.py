@@ -274,16 +274,17 @@ class Evaluate(GroveTask):
     stage = "evaluate"
 
     def stage_context(self):
-        return {"n_queries_available": self.query_count()}
+        rows = self.split_rows()
+        return {"n_queries_available": rows.get("queries"), "n_base": rows.get("base")}
 
-    def query_count(self) -> int | None:
-        """The split's query count (its manifest records it); None while it is not built (the digest
-        is then provisional, see pipeline.stages)."""
+    def split_rows(self) -> dict:
+        """The split's row counts, ``{"base": n, "queries": n}`` (its manifest records them); {} while it
+        is not built (the digest is then provisional, see pipeline.stages)."""
         split = self.clone(Split).output().ref
         try:
-            return artifacts.read_manifest(split, verify="none")["rows"]["queries"] if split.exists() else None
-        except (ArtifactError, KeyError):
-            return None  # a damaged manifest: this stage's run reports it when it verifies its parents
+            return dict(artifacts.read_manifest(split, verify="none")["rows"]) if split.exists() else {}
+        except (ArtifactError, KeyError, TypeError, ValueError):
+            return {}  # a damaged manifest: this stage's run reports it when it verifies its parents
 
     def parent_tasks(self):
         # One forest parent per n_trees of the config, named forest_<n_trees>.

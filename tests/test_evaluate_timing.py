@@ -78,6 +78,36 @@ def test_the_exact_baseline_is_repeated_and_has_no_batch_figure():
     assert row["batch_qps"] is None and row["batch_qps_min"] is None and row["batch_qps_max"] is None
 
 
+def test_an_angular_base_of_unit_rows_is_searched_where_it_lies(monkeypatch):
+    from pipeline.exact import normalize_rows
+
+    calls = []
+    monkeypatch.setattr(evaluate, "normalize_rows", lambda x: calls.append(x.shape) or normalize_rows(x))
+    rng = np.random.default_rng(2)
+    raw = rng.normal(size=(300, 8)).astype(np.float32)
+    raw[7] = 0.0  # a zero row stays zero and counts as normalised
+    queries = rng.normal(size=(5, 8)).astype(np.float32)
+    evaluate.exact_baseline(normalize_rows(raw), queries, k=3, metric="angular", n_timed=5, repeats=1)
+    assert calls == []  # no copy of a base that already has unit rows (3.6 GB at 3M x 300)
+    evaluate.exact_baseline(raw, queries, k=3, metric="angular", n_timed=5, repeats=1)
+    assert calls == [(300, 8)]  # any other base is normalised once
+
+
+def test_exact_search_is_timed_on_fewer_queries_over_a_large_base():
+    from pipeline import stages
+    from pipeline.config import load_config
+
+    assert evaluate.exact_timed_count(1000, 59_000) == 200  # MNIST, GloVe: the cap, as before
+    assert evaluate.exact_timed_count(1000, 399_000) == 200
+    assert evaluate.exact_timed_count(1000, 2_999_000) == 26  # 80M rows scanned per pass
+    assert evaluate.exact_timed_count(1000, 10**9) == evaluate.EXACT_TIMED_MIN
+    assert evaluate.exact_timed_count(5, 10**9) == 5 and evaluate.exact_timed_count(60, None) == 60
+    cfg = load_config("mnist")
+    small = stages.stage_params(cfg, "evaluate", n_queries_available=1000, n_base=59_000)
+    assert small == stages.stage_params(cfg, "evaluate", n_queries_available=1000)  # digests kept
+    assert stages.stage_params(cfg, "evaluate", n_queries_available=1000, n_base=2_999_000)["n_timed_exact"] == 26
+
+
 def test_non_finite_numbers_become_null():
     value = {"a": float("nan"), "b": [1.5, float("inf"), np.float32("-inf"), np.float64(2.0)], "c": (np.int64(3),),
              "d": "NaN"}
@@ -90,7 +120,8 @@ def test_non_finite_numbers_become_null():
                                    "batch_qps") is None
 
 
-def test_a_tiny_chain_writes_strict_results_shows_the_spread_and_progress(tiny_mnist, caplog, tmp_path):
+def test_a_tiny_chain_writes_strict_results_shows_the_spread_and_progress(tiny_mnist, caplog, tmp_path,
+                                                                           monkeypatch):
     import luigi
     from luigi.execution_summary import LuigiStatusCode
 
@@ -153,3 +184,29 @@ def test_a_tiny_chain_writes_strict_results_shows_the_spread_and_progress(tiny_m
     strict_json((out / "timings.json").read_text())
     again = stages.read_results(out)
     assert again["n_queries"] == 60 and again["n_timed"] == 60 and again["n_timed_exact"] == 60
+
+    # each index is unmapped before the next is opened: at most one is in memory at a time
+    import gc
+    import weakref
+
+    from pipeline.forest import Forest
+
+    opened, alive_at_open = [], []
+    real_load = Forest.load.__func__
+
+    def load(cls, *args, **kwargs):
+        gc.collect()
+        alive_at_open.append(sum(ref() is not None for ref in opened))
+        forest = real_load(cls, *args, **kwargs)
+        opened.append(weakref.ref(forest))
+        return forest
+
+    monkeypatch.setattr(Forest, "load", classmethod(load))
+    forests = {json.loads((f / "manifest.json").read_text())["params"]["n_trees"]: f
+               for f in sorted((root / "forest").glob("v*"))}
+    assert len(forests) >= 2
+    out2 = tmp_path / "evaluate-released"
+    out2.mkdir()
+    stages.write_evaluate(cfg, root / "embed" / "latest", root / "split" / "latest", root / "exact" / "latest",
+                          forests, out2)
+    assert len(opened) == len(forests) and alive_at_open == [0] * len(forests)

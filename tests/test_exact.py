@@ -91,3 +91,16 @@ def test_stored_results_do_not_depend_on_blas_or_cpu(tmp_path):
     second = run(OPENBLAS_NUM_THREADS="2", OPENBLAS_CORETYPE="Prescott", NUMBA_CPU_NAME="generic",
                  NUMBA_CACHE_DIR=str(tmp_path / "numba-generic"))
     assert first == second
+
+
+def test_unit_rows_reads_in_blocks_and_allows_zero_rows():
+    from pipeline.exact import normalize_rows, unit_rows
+
+    rng = np.random.default_rng(4)
+    unit = normalize_rows(rng.normal(size=(1000, 12)).astype(np.float32))
+    unit[5] = 0.0
+    assert unit_rows(unit, block=64)
+    off = unit.copy()
+    off[999] *= 1.01  # the last block's last row
+    assert not unit_rows(off, block=64)
+    assert not unit_rows(rng.normal(size=(10, 12)).astype(np.float32))

@@ -235,3 +235,28 @@ def test_stored_scores_do_not_depend_on_blas(tmp_path):
         return out.stdout
 
     assert run(OPENBLAS_NUM_THREADS="1") == run(OPENBLAS_NUM_THREADS="2", OPENBLAS_CORETYPE="Prescott")
+
+
+def test_word_similarity_normalises_only_the_pairs_words(tmp_path):
+    """A large vocabulary is not copied whole: the pairs' words are looked up and only their rows
+    normalised, with the same bits as normalising every row (each row is scaled alone)."""
+    from pipeline import wordeval
+    from pipeline.exact import normalize_rows
+
+    rng = np.random.default_rng(3)
+    words = [f"w{i}" for i in range(5000)] + ["W3"]  # a second spelling folds to the first's key
+    vectors = rng.normal(size=(len(words), 16)).astype(np.float32)
+    vocab = wordeval._Vocab(words, vectors, None, True, wanted={"W3", "W4999", "NOPE"})
+    assert vocab.index == {"W3": 0, "W4999": 1} and vocab.vectors.shape == (2, 16)
+    assert vocab.vectors.tobytes() == normalize_rows(vectors)[[3, 4999]].tobytes()
+    full = wordeval._Vocab(words, vectors, None, True)
+    pairs = _write_pairs(tmp_path / "p.tsv", [("w1", "w2", 1.0), ("w3", "w40", 2.0), ("w5", "w9", 3.0),
+                                               ("w7", "nope", 4.0)])
+    result = word_similarity(words, vectors, pairs)
+    expected = [wordeval._cosine(full.vectors, full.index[a.upper()], full.index[b.upper()])
+                for a, b in (("w1", "w2"), ("w3", "w40"), ("w5", "w9"))]
+    from scipy import stats
+
+    assert result["n_pairs"] == 3 and result["n_oov"] == 1
+    assert result["spearman"] == float(stats.spearmanr([1.0, 2.0, 3.0], expected).statistic)
+    assert result["pearson"] == float(stats.pearsonr([1.0, 2.0, 3.0], expected).statistic)
