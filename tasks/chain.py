@@ -6,6 +6,7 @@ there (``GroveTask``); a task adds only the context its parameters need and the 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from pathlib import Path
 
 import luigi
@@ -17,6 +18,8 @@ from pipeline.config import mutable_sources
 from pipeline.errors import ArtifactError, ConfigError
 
 from .base import ArtifactTarget, GroveTask, StoreTarget, dataset_config, fixed_outputs, grove
+
+log = logging.getLogger(__name__)
 
 
 class Snapshot(GroveTask):
@@ -124,40 +127,82 @@ class Train(GroveTask):
 
 class Sharded(GroveTask):
     """A stage whose work ``[grove] shards`` (GROVE_SHARDS) splits into part tasks over ranges (rows,
-    queries or trees), which luigid hands to any worker; the stage then assembles its version from
-    the parts' versions, the bytes it would compute in one piece. The parts are dynamic dependencies
-    (yielded by ``run``): their ranges need the size of what the parents built."""
+    queries or trees); the stage then assembles its version from the parts' versions, the bytes it
+    would compute in one piece.
+
+    The parts are static requirements (``requires``), so every worker that schedules the chain knows
+    them and luigid can hand them to any of its workers. (Parts yielded from ``run`` as dynamic
+    dependencies would run only on the worker that yielded them.) A part is named by its shard
+    number; the rows or queries it covers need the size of what the parents built, so its range
+    (and its digest, which hashes the range) resolves once they are built, like any provisional
+    digest (see pipeline.stages)."""
 
     part_class: type[GroveTask]
 
-    def ranges(self) -> list[tuple[int, int]]:
-        """The parts' ``(first, last)``; [] when the work stays in one task."""
+    def ranges(self, shards: int) -> list[tuple[int, int]] | None:
+        """The parts' ``(first, last)`` for ``shards`` > 1; None while the parents that decide them are
+        not built."""
         raise NotImplementedError
 
     def part_tasks(self) -> list[GroveTask]:
-        return [self.clone(self.part_class, first=a, last=b) for a, b in self.ranges()]
+        shards = grove().shard_count()
+        return [] if shards == 1 else [self.clone(self.part_class, shard=i, shards=shards) for i in range(shards)]
+
+    def requires(self):
+        return {**self.parent_tasks(), **{f"part_{i}": task for i, task in enumerate(self.part_tasks())}}
 
     def part_dirs(self) -> list[Path] | None:
-        parts = self.part_tasks()
-        return [artifacts.local_dir(task.output().ref) for task in parts] or None
-
-    def run(self):
-        parts = self.part_tasks()
-        return self._run_after(parts) if parts else super().run()
-
-    def _run_after(self, parts: list[GroveTask]):
-        yield parts  # luigi runs them (on any worker) and then resumes here
-        super().run()
+        """The published parts' directories in order, or None to build in one piece: no shards, or a
+        part that is not published (a worker whose shard count differs from the scheduler's)."""
+        parts = [task for task in self.part_tasks() if not task.empty()]
+        if not parts:
+            return None
+        missing = [task for task in parts if not task.output().exists()]
+        if missing:
+            log.warning("%s: %d of %d parts are not published (shards changed?); building in one piece",
+                        self, len(missing), len(parts))
+            return None
+        return [artifacts.local_dir(task.output().ref) for task in parts]
 
 
 class Part(GroveTask):
-    """One range of a sharded stage's work (see ``Sharded``)."""
+    """Shard ``shard`` of ``shards`` of a sharded stage's work (see ``Sharded``): the range of rows or
+    queries it covers comes from ``whole_class.ranges``. A shard past the ranges there are (too little
+    to split) is empty: complete at once, nothing published."""
 
-    first = luigi.IntParameter(description="first row, query or tree of this part")
-    last = luigi.IntParameter(description="one past the last")
+    shard = luigi.IntParameter(description="this part's number, 0 .. shards - 1")
+    shards = luigi.IntParameter(description="how many parts the stage is split into")
+    whole_class: type[Sharded]
+
+    def part_range(self) -> tuple[int, int] | None:
+        """``(first, last)``; None while the parents are not built; ``(0, 0)`` for an empty shard."""
+        ranges = self.clone(self.whole_class).ranges(self.shards)
+        if ranges is None:
+            return None
+        return ranges[self.shard] if self.shard < len(ranges) else (0, 0)
+
+    def empty(self) -> bool:
+        r = self.part_range()
+        return r is not None and r[0] >= r[1]
 
     def stage_context(self):
-        return {"first": self.first, "last": self.last}
+        r = self.part_range()
+        return {"first": None, "last": None} if r is None else {"first": r[0], "last": r[1]}
+
+    @property
+    def first(self) -> int:
+        return self.part_range()[0]
+
+    @property
+    def last(self) -> int:
+        return self.part_range()[1]
+
+    def complete(self) -> bool:
+        return self.empty() or super().complete()
+
+    def run(self):
+        if not self.empty():
+            super().run()
 
 
 class EmbedPart(Part):
@@ -175,13 +220,9 @@ class Embed(Sharded):
     stage = "embed"
     part_class = EmbedPart
 
-    def ranges(self):
-        shards = grove().shard_count()
-        if shards == 1:
-            return []
-        decode = self.clone(Decode).output().ref
-        rows = artifacts.read_manifest(decode, verify="none")["rows"]["items"]
-        return stages.shard_ranges(rows, shards, stages.EMBED_BLOCK_ROWS)
+    def ranges(self, shards):
+        rows = _manifest_rows(self.clone(Decode), "items")
+        return None if rows is None else stages.shard_ranges(rows, shards, stages.EMBED_BLOCK_ROWS)
 
     def write(self, tmp: Path):
         refs = self.parent_refs()
@@ -190,6 +231,9 @@ class Embed(Sharded):
                                features=self.parent_path("features") if "features" in refs else None,
                                threads=self.cfg.train.threads,  # significant: torch's results depend on it
                                parts=self.part_dirs())
+
+
+EmbedPart.whole_class = Embed
 
 
 class Split(GroveTask):
@@ -220,15 +264,21 @@ class Exact(Sharded):
     stage = "exact"
     part_class = ExactPart
 
-    def ranges(self):
-        shards = grove().shard_count()
-        if shards == 1:
-            return []
-        queries = artifacts.read_manifest(self.clone(Split).output().ref, verify="none")["rows"]["queries"]
-        return stages.shard_ranges(queries, shards, stages.EXACT_QUERY_BLOCK)
+    def ranges(self, shards):
+        queries = _manifest_rows(self.clone(Split), "queries")
+        return None if queries is None else stages.shard_ranges(queries, shards, stages.EXACT_QUERY_BLOCK)
 
     def write(self, tmp: Path):
         return self.spec.write(self.cfg, self.parent_path("split"), tmp, self.report, parts=self.part_dirs())
+
+
+ExactPart.whole_class = Exact
+
+
+def _manifest_rows(task: GroveTask, name: str) -> int | None:
+    """A row count the published version of ``task`` records (``rows[name]``); None while it is not built."""
+    ref = task.output().ref
+    return artifacts.read_manifest(ref, verify="none")["rows"][name] if ref.exists() else None
 
 
 def _vector_dim(task: GroveTask) -> int | None:
@@ -238,11 +288,19 @@ def _vector_dim(task: GroveTask) -> int | None:
     return artifacts.read_manifest(embed, verify="none").get("dim") if embed.exists() else None
 
 
-class ForestPart(Part):
+class ForestPart(GroveTask):
+    """Trees ``first`` .. ``last - 1`` of a forest (a tree depends only on the data and its own seed,
+    so one part serves every forest that has those trees in that grouping)."""
+
     stage = "forest-part"
+    first = luigi.IntParameter(description="first tree of this part")
+    last = luigi.IntParameter(description="one past the last")
+
+    def empty(self) -> bool:
+        return False
 
     def stage_context(self):
-        return {**super().stage_context(), "dim": _vector_dim(self)}
+        return {"first": self.first, "last": self.last, "dim": _vector_dim(self)}
 
     def write(self, tmp: Path):
         return self.spec.write(self.cfg, self.parent_path("split"), tmp, self.first, self.last,
@@ -257,13 +315,12 @@ class Forest(Sharded):
     def stage_context(self):
         return {"n_trees": self.n_trees, "dim": _vector_dim(self)}
 
-    def ranges(self):
-        shards = grove().shard_count()
-        return [] if shards == 1 else stages.shard_ranges(self.n_trees, shards)
-
     def part_tasks(self):
-        # a part names trees, not forests: n_trees is not one of its parameters
-        return [ForestPart(dataset=self.dataset, pins=self.pins, first=a, last=b) for a, b in self.ranges()]
+        # a part names trees, not forests: n_trees is not one of its parameters; the ranges are known
+        # before anything is built
+        shards = grove().shard_count()
+        return [] if shards == 1 else [ForestPart(dataset=self.dataset, pins=self.pins, first=a, last=b)
+                                       for a, b in stages.shard_ranges(self.n_trees, shards)]
 
     def write(self, tmp: Path):
         return self.spec.write(self.cfg, self.parent_path("split"), tmp, self.n_trees,

@@ -98,6 +98,23 @@ def test_a_sharded_chain_publishes_the_same_versions_and_bytes(tiny_mnist, tmp_p
     # trees -> (0,1), (1,2) and (0,1), (1,2), (2,4): the first two parts are shared
     assert parts == {"embed-part": 3, "exact-part": 3, "forest-part": 3}
 
+    # The parts are static requirements, known to every worker that schedules the chain (luigid hands
+    # a dynamic dependency only to the worker that yielded it); a shard past the ranges is empty.
+    from tasks import chain as tasks
+
+    monkeypatch.setenv("GROVE_SHARDS", "8")
+    luigi.task_register.Register.clear_instance_cache()
+    for whole, part in ((tasks.Embed, tasks.EmbedPart), (tasks.Exact, tasks.ExactPart)):
+        required = luigi.task.flatten(whole(dataset="tinymnist").requires())
+        assert [t.shard for t in required if isinstance(t, part)] == list(range(8)), whole
+    forest_parts = [t for t in luigi.task.flatten(tasks.Forest(dataset="tinymnist", n_trees=4).requires())
+                    if isinstance(t, tasks.ForestPart)]
+    assert [(t.first, t.last) for t in forest_parts] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    # 60 queries in blocks of 16: 4 ranges, so shards 4..7 have nothing to do and are complete at once
+    assert [tasks.ExactPart(dataset="tinymnist", shard=i, shards=8).empty() for i in range(8)] == [False] * 4 + [True] * 4
+    assert tasks.ExactPart(dataset="tinymnist", shard=7, shards=8).complete()
+    assert tasks.ExactPart(dataset="tinymnist", shard=1, shards=8).part_range() == (16, 32)
+
 
 @pytest.mark.parametrize("value", ["zero", "0", "-2"])
 def test_bad_shard_setting_is_a_config_error_before_any_work(tiny_mnist, monkeypatch, capsys, value):
