@@ -371,7 +371,9 @@ class Chain(luigi.Task):
     """Everything for one dataset: fetched, embedded, indexed and evaluated.
 
     A dataset with mutable sources first takes the snapshot of ``date``; the evaluation it then
-    needs (a dynamic dependency) is the one pinned to what that snapshot saw.
+    needs is the one pinned to what that snapshot saw: a static requirement when the snapshot is
+    already taken, else a dynamic dependency. (luigid hands a dynamic dependency, and the tasks below
+    it, only to the worker that yielded it; a static one, to any worker that asks.)
     """
 
     dataset = luigi.Parameter(description="dataset name: a configs/<dataset>.toml")
@@ -379,7 +381,9 @@ class Chain(luigi.Task):
                                description="the day whose snapshot of mutable sources is used (default today)")
 
     def requires(self):
-        return dated_requires(self.dataset, self.date)
+        needed = dated_requires(self.dataset, self.date)
+        evaluate = self.evaluate() if isinstance(needed, Snapshot) else None
+        return needed if evaluate is None else [needed, evaluate]
 
     def evaluate(self) -> Evaluate | None:
         return dated_evaluate(self.dataset, self.date)

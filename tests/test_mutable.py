@@ -124,6 +124,12 @@ def test_grove_run_query_and_gc_with_a_mutable_source(served, tmp_path, capsys):
     assert "Snapshot" in _ran(out) and "recall" in out
     assert grove(["run", "tinymnist"]) == 0  # same day: the snapshot is taken once
     assert len(server.requests_for(IMAGES)) == 1
+    # once the day's snapshot is taken, the pinned evaluation is a static requirement of the chain,
+    # which luigid can hand out piece by piece to any worker (not a dynamic one, for one worker only)
+    import tasks
+
+    needed = luigi.task.flatten(tasks.Chain(dataset="tinymnist").requires())
+    assert [type(t).__name__ for t in needed] == ["Snapshot", "Evaluate"] and needed[1].pins
     assert grove(["query", "tinymnist", "test/0", "-k", "3"]) == 0  # nothing serves: the newest snapshot's
     assert "current config" in capsys.readouterr().out
 
