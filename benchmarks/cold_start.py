@@ -8,16 +8,19 @@ Every timed run is a new process started by ``subprocess.run`` (the interpreter,
 loading or compiling the kernels, opening the index, the query and its printing, the exit), timed
 with a process timer (``time.perf_counter``) around it; its CPU time (user + system) comes from
 ``resource.getrusage(RUSAGE_CHILDREN)``. The commands are run in turn (bare, mnist, glove, bare, ...)
-so that a busy neighbour slows each of them alike. Each row gives the median, the range and the
-median's ratio to the bare ``python -c "import numpy, pyarrow"`` (the floor of any Python program
-that reads Arrow vectors).
+so that a busy neighbour slows each of them alike. Each row gives the median and the range of the
+wall and the CPU time, and the medians' ratios to the bare ``python -c "import numpy, pyarrow"``
+(the floor of any Python program that reads Arrow vectors). On a shared, loaded machine the CPU
+ratio is the steadier one.
 
 Rows:
 
 - ``warm``: numba's cache holds the kernels (one untimed query first fills it, and the verified-stamps
   and the page cache, if needed). What every query but the very first one pays.
 - ``cold numba cache``: ``NUMBA_CACHE_DIR`` is a new empty directory for each run, so every kernel
-  the query calls is compiled: the first query after installing grove without warming it.
+  the query calls is compiled: the first query after installing grove without warming it. (At the
+  default search_k `grove query` answers with the numpy twins of the kernels and loads none, so
+  this row is the warm one; ``--compare`` with an older checkout shows the difference.)
 - ``after warm-up``: a new empty ``NUMBA_CACHE_DIR``, then ``python -m pipeline.warm`` (its time is
   a row too), then the first query.
 
@@ -68,7 +71,7 @@ def timed(command: list[str], env: dict) -> tuple[float, float]:
 def summary(samples: list[tuple[float, float]]) -> dict:
     walls, cpus = [w for w, _ in samples], [c for _, c in samples]
     return {"n": len(samples), "wall": statistics.median(walls), "lo": min(walls), "hi": max(walls),
-            "cpu": statistics.median(cpus)}
+            "cpu": statistics.median(cpus), "cpu_lo": min(cpus), "cpu_hi": max(cpus)}
 
 
 def main() -> int:
@@ -125,18 +128,20 @@ def main() -> int:
                          (name, "first after warm-up", summary(first))]
     load_after = os.getloadavg()
 
-    bare = rows[0][2]["wall"]
+    bare, bare_cpu = rows[0][2]["wall"], rows[0][2]["cpu"]
     lines = [
         f"cold start, fresh processes ({platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
         f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
         f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r})",
         "",
-        "| command | numba cache | runs | wall median (s) | wall min-max (s) | CPU median (s) | x bare |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| command | numba cache | runs | wall median (s) | wall min-max (s) | wall x bare | CPU median (s) "
+        "| CPU min-max (s) | CPU x bare |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, case, s in rows:
-        lines.append(f"| {name} | {case} | {s['n']} | {s['wall']:.3f} | {s['lo']:.3f}-{s['hi']:.3f} | {s['cpu']:.3f} "
-                     f"| {s['wall'] / bare:.1f} |")
+        lines.append(f"| {name} | {case} | {s['n']} | {s['wall']:.3f} | {s['lo']:.3f}-{s['hi']:.3f} | "
+                     f"{s['wall'] / bare:.1f} | {s['cpu']:.3f} | {s['cpu_lo']:.3f}-{s['cpu_hi']:.3f} | "
+                     f"{s['cpu'] / bare_cpu:.1f} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -21,9 +21,16 @@ A handle is safe to use from many threads. ``refresh()`` reads the pointer it fo
 names another version, opens that one and swaps it in atomically: a query in flight finishes on the
 version it started on, and the old version's files are unmapped once no query uses them.
 
-Errors are grove's typed errors (``pipeline.errors``), made precise below: UnknownDatasetError and
-UnknownKeyError (the name is not there), NotServingError (nothing serves the dataset), QueryError (a
-bad k, search_k, vector or text) and IndexMismatchError (a vector of the wrong dimension).
+Errors are grove's typed errors, defined in ``pipeline.errors`` and importable from here too:
+UnknownDatasetError and UnknownKeyError (the name is not there; ConfigError), NotServingError
+(nothing serves the dataset; ArtifactError), QueryError (a bad k, search_k, vector or text;
+ConfigError) and IndexMismatchError (a vector of the wrong dimension).
+
+``compiled=False`` (``open_index``, ``Index.from_refs``, or the ``compiled`` attribute) answers with
+numpy twins of the compiled kernels (``pipeline._numpy_kernels``): the same ids and distances, bit
+for bit, without importing numba. A process that answers one query (``grove query``) starts about
+0.5 s of CPU sooner; each query then costs milliseconds instead of tenths of one, so anything that
+answers many queries keeps the default.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from . import artifacts, layout
-from .errors import ArtifactError, ConfigError, IndexMismatchError
+from .errors import (ArtifactError, ConfigError, IndexMismatchError, NotServingError, QueryError,  # noqa: F401
+                     UnknownDatasetError, UnknownKeyError)
 from .paths import check_name, grove_section, locate_luigi_cfg
 
 log = logging.getLogger(__name__)
@@ -48,23 +56,6 @@ log = logging.getLogger(__name__)
 WORDS_KIND = "word2vec"  # the dataset kind whose items are words: query_text reads phrases
 SERVING = "serving"  # what a handle follows: the dataset's serving pointer...
 LATEST = "latest"  # ...or the evaluate stage's latest pointer (a named version follows nothing)
-
-
-class UnknownDatasetError(ConfigError):
-    """No dataset of that name under the artifact root (or the name is not a dataset name)."""
-
-
-class NotServingError(ArtifactError):
-    """Nothing serves the dataset (no ``grove rebuild`` or ``grove promote`` yet)."""
-
-
-class UnknownKeyError(ConfigError, LookupError):
-    """No item with that key, or a word that is not in the vocabulary."""
-
-
-class QueryError(ConfigError):
-    """A query that cannot be answered as asked: k < 1, a bad search_k, NaN or infinity in a vector,
-    text on a dataset that has no words."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -219,12 +210,14 @@ def _open_evaluation(root: str, dataset: str, version: str, serving: bool) -> _V
 # --- the handle -----------------------------------------------------------------------------------
 
 
-def open_index(dataset: str, root: str | os.PathLike | None = None, version: str | None = None) -> "Index":
+def open_index(dataset: str, root: str | os.PathLike | None = None, version: str | None = None, *,
+               compiled: bool = True) -> "Index":
     """Open what serves ``dataset`` under the artifact ``root`` (default: ``default_root()``).
 
     ``version``: None for the serving version (``refresh()`` follows promotions), ``"latest"`` for
     the newest evaluation (``refresh()`` follows new builds), or an evaluate version ``v2-...``
-    (fixed). Raises UnknownDatasetError, NotServingError, or ArtifactError for a missing or damaged
+    (fixed). ``compiled``: see the module's docstring (the handle's ``compiled`` attribute).
+    Raises UnknownDatasetError, NotServingError, or ArtifactError for a missing or damaged
     version (``grove run DATASET --rebuild`` repairs it); StoreError when the root cannot be read.
     """
     if not isinstance(dataset, str) or not dataset:
@@ -243,7 +236,7 @@ def open_index(dataset: str, root: str | os.PathLike | None = None, version: str
     else:
         raise QueryError(f"version {version!r} is not an evaluate version (v<FORMAT>-<digest>), 'latest' or None "
                          "(what serves); `grove versions DATASET evaluate` lists them")
-    index = Index(root, dataset, follow)
+    index = Index(root, dataset, follow, compiled=compiled)
     target = index._read_pointer() if follow else version
     if target is None:
         raise index._nothing_there()
@@ -254,8 +247,10 @@ def open_index(dataset: str, root: str | os.PathLike | None = None, version: str
 class Index:
     """A dataset's index, opened by ``open_index`` (or ``Index.from_refs``). Thread-safe."""
 
-    def __init__(self, root: str, dataset: str, follow: str | None):
+    def __init__(self, root: str, dataset: str, follow: str | None, compiled: bool = True):
         self._root, self._dataset, self._follow = root, dataset, follow
+        # numba's compiled kernels (True), or their numpy twins: the same answers without numba
+        self.compiled = bool(compiled)
         self._lock = threading.Lock()  # guards _current, the users counts and _mapped
         self._refresh_lock = threading.Lock()  # one refresh at a time
         self._current: _Version | None = None
@@ -266,10 +261,11 @@ class Index:
         self.released = 0  # versions whose files were let go since (unmapped once no one holds them)
 
     @classmethod
-    def from_refs(cls, split: artifacts.ArtifactRef, forest: artifacts.ArtifactRef) -> "Index":
+    def from_refs(cls, split: artifacts.ArtifactRef, forest: artifacts.ArtifactRef, *,
+                  compiled: bool = True) -> "Index":
         """An index over one split version and one forest version (what ``grove query`` reads when
         nothing serves): verified like any other; ``version`` is None and ``refresh()`` follows nothing."""
-        index = cls(split.root, split.dataset, None)
+        index = cls(split.root, split.dataset, None, compiled=compiled)
         index._install(_Version(split.dataset, None, split, forest), None)
         return index
 
@@ -298,6 +294,13 @@ class Index:
 
     def __len__(self) -> int:
         return self.count
+
+    def __contains__(self, key: object) -> bool:
+        """Whether an item (indexed or held out) has the key ``key`` (``key in index``)."""
+        if not isinstance(key, str):
+            return False
+        with self._use() as v:
+            return v.base.find(key) is not None or v.queries.find(key) is not None
 
     def __repr__(self) -> str:
         if self._current is None:
@@ -348,18 +351,23 @@ class Index:
                     distances: bool = True, exact: bool = False, n_threads: int = 1) -> list[Neighbors]:
         """``query`` for each row of ``vectors`` (n, dim), all answered by one version. ``n_threads``:
         1 answers the rows one by one in this thread (the right choice under concurrent callers);
-        0 (all cores) or more runs the forest's parallel batch kernel (same answers)."""
+        0 (all cores) or more runs the forest's parallel batch kernel (same answers; with
+        ``compiled=False`` the rows are answered one by one)."""
         k, search_k = _check_k(k, search_k)
         with self._use() as v:
             q = _check_vectors(vectors, v.forest.dim)
             if len(q) == 0:
                 return []
-            if exact:
+            if exact and not self.compiled:
+                pairs = [_exact_one(v, row, k, False) for row in q]
+                ids, dists = [p[0] for p in pairs], [p[1] for p in pairs]
+            elif exact:
                 from .exact import exact_neighbors
 
                 ids, dists = exact_neighbors(v.base.vectors, q, k, v.forest.metric, base_normalized=v.normalized)
-            elif n_threads == 1:
-                pairs = [v.forest.query(row, k=k, search_k=search_k, include_distances=True) for row in q]
+            elif n_threads == 1 or not self.compiled:
+                pairs = [v.forest.query(row, k=k, search_k=search_k, include_distances=True, compiled=self.compiled)
+                         for row in q]
                 ids, dists = [p[0] for p in pairs], [p[1] for p in pairs]
             else:
                 ids, dists = v.forest.query_batch(q, k=k, search_k=search_k, n_threads=n_threads,
@@ -395,7 +403,10 @@ class Index:
         if v.kind != WORDS_KIND:
             raise QueryError(f"{self._dataset} is not a word dataset (kind {v.kind or 'unknown'}); query it by "
                              "key or by vector")
-        from .exact import normalize_rows
+        if self.compiled:
+            from .exact import normalize_rows
+        else:
+            from ._numpy_kernels import normalize_rows
 
         words, missing = [], []
         for word in text.split():
@@ -421,13 +432,9 @@ class Index:
                 exclude: set[str], exact: bool) -> Neighbors:
         extra = k + len(exclude)
         if exact:
-            from .exact import exact_neighbors
-
-            ids, dists = exact_neighbors(v.base.vectors, q[None, :], extra, v.forest.metric,
-                                         base_normalized=v.normalized)
-            ids, dists = ids[0], dists[0]
+            ids, dists = _exact_one(v, q, extra, self.compiled)
         else:
-            ids, dists = v.forest.query(q, k=extra, search_k=search_k, include_distances=True)
+            ids, dists = v.forest.query(q, k=extra, search_k=search_k, include_distances=True, compiled=self.compiled)
         return _answer(v, ids, dists, k, exclude, distances)
 
     # --- following promotions -------------------------------------------------------------------
@@ -582,6 +589,19 @@ def _check_vectors(vectors, dim: int) -> np.ndarray:
         raise IndexMismatchError(f"query vectors must have shape (n, {dim}), got {q.shape}")
     _check_finite(q, "the query vectors")
     return np.ascontiguousarray(q)
+
+
+def _exact_one(v: _Version, q: np.ndarray, k: int, compiled: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The exact k nearest of q (dim,): (ids (k,) int64, dists (k,) float32), from
+    ``exact.exact_neighbors`` or, not compiled, its numpy twin for one query (the same answer)."""
+    if compiled:
+        from .exact import exact_neighbors
+
+        ids, dists = exact_neighbors(v.base.vectors, q[None, :], k, v.forest.metric, base_normalized=v.normalized)
+        return ids[0], dists[0]
+    from ._numpy_kernels import exact_neighbors_one
+
+    return exact_neighbors_one(v.base.vectors, q, k, v.forest.metric, base_normalized=v.normalized)
 
 
 def _answer(v: _Version, ids: np.ndarray, dists: np.ndarray, k: int, exclude: set[str],

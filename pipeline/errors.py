@@ -43,3 +43,23 @@ class IndexMismatchError(GroveError, ValueError):
 class StoreError(GroveError, OSError):
     """An artifact root cannot be used: endpoint unreachable, credentials refused, bucket missing,
     no write permission, a connection lost in the middle of a transfer."""
+
+
+# --- what pipeline.api raises (importable from there too) -----------------------------------------
+
+
+class UnknownDatasetError(ConfigError):
+    """No dataset of that name under the artifact root (or the name is not a dataset name)."""
+
+
+class NotServingError(ArtifactError):
+    """Nothing serves the dataset (no ``grove rebuild`` or ``grove promote`` yet)."""
+
+
+class UnknownKeyError(ConfigError, LookupError):
+    """No item with that key, or a word that is not in the vocabulary."""
+
+
+class QueryError(ConfigError):
+    """A query that cannot be answered as asked: k < 1, a bad search_k, NaN or infinity in a vector,
+    text on a dataset that has no words."""

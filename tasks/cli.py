@@ -206,7 +206,7 @@ def _current_config_index(dataset: str):
             raise ArtifactError(f"{dataset}: nothing serves and {ref.key} is not built under the artifact root "
                                 f"{_root_text(root)}. Run the stage again: `grove run {dataset}` (or point "
                                 "GROVE_ARTIFACTS at the root that holds it)")
-    return api.Index.from_refs(refs["split"], refs["forest"]), "current config (nothing serving)"
+    return api.Index.from_refs(refs["split"], refs["forest"], compiled=False), "current config (nothing serving)"
 
 
 def _root_text(root) -> str:
@@ -217,20 +217,65 @@ def _root_text(root) -> str:
 
 def _skip_numba_blas_probe() -> None:
     """When numba loads its array functions it probes for BLAS by importing scipy.linalg (about 0.3 s
-    of CPU, a third of a query's start) to learn whether a compiled ``np.dot`` may call it. grove's
-    kernels never call BLAS (no ``np.dot``, ``@`` or ``np.linalg``: their results must not depend on
-    it), so in this one-query process the probe is told there is none. Only here: a program that
-    imports grove as a library keeps scipy as it is."""
+    of CPU) to learn whether a compiled ``np.dot`` may call it. grove's kernels never call BLAS (no
+    ``np.dot``, ``@`` or ``np.linalg``: their results must not depend on it), so in a one-query
+    process that does load them (a large search_k) the probe is told there is none. Only here: a
+    program that imports grove as a library keeps scipy as it is."""
     if "numba" not in sys.modules and "scipy.linalg" not in sys.modules:
         sys.modules.setdefault("scipy.linalg.cython_blas", None)  # `import` of it raises ImportError
 
 
+# Above this many leaf entries (--search-k, or its default k * n_trees) `grove query` answers with the
+# compiled kernels: their start (numba's import and registries, about 0.5 s of CPU) costs less than
+# the numpy twins' walk, which grows with search_k (about 8 ms at GloVe's and MNIST's default of 500
+# to 600, 50 ms at 20,000; 2026-11-30, 2 cores). Both give the same answer, bit for bit.
+NUMPY_QUERY_MAX_SEARCH_K = 100_000
+
+
+def _ascii_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _other_digits(text: str) -> bool:
+    """str.isdigit() holds for "²" and "٣" too; a query number is written in ASCII digits."""
+    return text.isdigit() and not text.isascii()
+
+
+def _query_item(index, text: str) -> tuple:
+    """(vector, keys to leave out, what it is) for TEXT on a dataset of items: the item whose key is
+    TEXT when there is one (an indexed or a held-out item, left out of its own answer), else, for
+    TEXT made of the digits 0-9, that row of the held-out queries."""
+    from pipeline.errors import UnknownKeyError
+
+    if text in index or not _ascii_number(text):
+        return index.vector(text), {text}, repr(text)  # no such key: UnknownKeyError, exit 2
+    held_out = index.held_out_keys()
+    if int(text) >= len(held_out):
+        raise UnknownKeyError(f"{index.dataset}: no item with key {text!r}, and query number {text} is out of "
+                              f"range: there are {len(held_out)} queries (0-{len(held_out) - 1})")
+    key = held_out[int(text)]
+    return index.vector(key), set(), f"query {int(text)} ({key!r})"
+
+
+def _one_blas_thread() -> None:
+    """One OpenBLAS thread for a one-query process, unless OPENBLAS_NUM_THREADS says otherwise: its
+    BLAS work is one matrix-vector product over the base (the exact answer's shortlist; memory-bound,
+    a second thread gains little), while starting OpenBLAS's thread pool costs about 0.07 s of CPU
+    (2 cores, 2026-11-30). Read when numpy loads, so only before that. The answers do not depend on
+    it: BLAS only picks the shortlist, which fixed-order sums re-rank."""
+    if "numpy" not in sys.modules:
+        import os
+
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     """Answers from what serves (``pipeline.api.open_index``, verified; no config needed), else from
-    the current config's split and forest."""
+    the current config's split and forest. One query in a fresh process: the numpy twins of the
+    compiled kernels answer it (the same answer, without numba's start), unless search_k is large."""
     import time
 
-    _skip_numba_blas_probe()
+    _one_blas_thread()
     from pipeline import api, query
 
     def usage(message: str) -> int:
@@ -243,32 +288,31 @@ def cmd_query(args: argparse.Namespace) -> int:
         return usage(f"--search-k must be -1 (the default, k * n_trees) or at least 0, got {args.search_k}")
     search_k = None if args.search_k in (None, -1) else args.search_k
     text = args.text
+    not_a_number = (f"query number {text!r} is not written with the digits 0-9; give a number such as 3 "
+                    "or an item key such as test/3")
     try:
         # the root as the other commands find it, without Luigi (api.default_root reads luigi.cfg itself)
-        index = api.open_index(args.dataset, root=api.default_root())  # missing or damaged: exit 3
+        index = api.open_index(args.dataset, root=api.default_root(), compiled=False)  # missing or damaged: exit 3
         origin = f"serving {index.version}"
         kind = index.kind
     except (api.NotServingError, api.UnknownDatasetError):
         index = None
         kind = load_config(args.dataset, _settings().config_dir()).kind  # an unknown dataset: exit 2
-    if kind != api.WORDS_KIND and text.isdigit() and not text.isascii():
-        # str.isdigit() holds for "²" and "٣" too; a query number is written in ASCII digits
-        if index is not None:
-            index.close()
-        return usage(f"query number {text!r} is not written with the digits 0-9; give a number such as 3 "
-                     "or an item key such as test/3")
-    if index is None:
+        if kind != api.WORDS_KIND and _other_digits(text):
+            return usage(not_a_number)  # a bad argument: exit 2 before any file is opened
         index, origin = _current_config_index(args.dataset)
     with index:
         if kind == api.WORDS_KIND:
             vector, exclude = index.text_vector(text)  # a word or a phrase; its own words left out
-        elif text.isascii() and text.isdigit():  # a row of the held-out queries
-            held_out = index.held_out_keys()
-            if int(text) >= len(held_out):
-                raise ConfigError(f"query number {text} is out of range: there are {len(held_out)} queries")
-            vector, exclude = index.vector(held_out[int(text)]), set()
-        else:  # an item key, left out of its own answer
-            vector, exclude = index.vector(text), {text}
+            shown = repr(text)
+        elif _other_digits(text) and text not in index:
+            return usage(not_a_number)
+        else:
+            vector, exclude, shown = _query_item(index, text)
+        walked = search_k if search_k is not None else (args.k + len(exclude)) * index.n_trees
+        if not args.exact and walked > NUMPY_QUERY_MAX_SEARCH_K:
+            _skip_numba_blas_probe()
+            index.compiled = True
 
         def timed(exact: bool) -> query.Answer:
             started = time.perf_counter()
@@ -277,13 +321,15 @@ def cmd_query(args: argparse.Namespace) -> int:
 
         approx = truth = None
         if not args.exact:
-            index.query(vector, k=1)  # compile/warm once so the timing below is the query alone
+            if index.compiled:
+                index.query(vector, k=1)  # load the kernels once, so that the timing below is the query alone
             approx = timed(exact=False)
         if args.exact or not args.approx_only:
             truth = timed(exact=True)
-        print(f"{args.dataset}: {text!r}  (index {index.forest_version}, {origin}, "
+        print(f"{args.dataset}: {shown}  (index {index.forest_version}, {origin}, "
               f"n_trees={'-' if args.exact else index.n_trees}, "
-              f"search_k={'default' if search_k is None else search_k})")
+              f"search_k={'default' if search_k is None else search_k}, "
+              f"{'compiled' if index.compiled else 'numpy'} kernels)")
     print(query.format_answers(approx, truth))
     return EXIT_OK
 
@@ -573,9 +619,20 @@ def build_parser() -> argparse.ArgumentParser:
     _scheduler_options(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("query", parents=[common], help="nearest neighbours of a word, a phrase or an item, approximate and exact")
+    p = sub.add_parser(
+        "query", parents=[common], help="nearest neighbours of a word, a phrase or an item, approximate and exact",
+        description="Nearest neighbours of a word, a phrase or an item, from the serving index (else the current "
+                    "config's), approximate and exact side by side.",
+        epilog="TEXT|ID on a word dataset is a word or a phrase (the normalised sum of its words). On other datasets "
+               "it is an item key (test/3, train/7; an indexed or a held-out item, left out of its own answer); a key "
+               "made only of the digits 0-9 that no item has is a query number: that row of the held-out queries "
+               "(3 is the fourth query). An item whose key is all digits wins over the query number: on a dataset "
+               "with integer ids, 123 is the item 123; reach the held-out queries there by their keys. "
+               "One query is answered by numpy twins of the compiled kernels (the same answer, without numba's "
+               "start); above a search_k of %d, by the compiled kernels." % NUMPY_QUERY_MAX_SEARCH_K)
     p.add_argument("dataset")
-    p.add_argument("text", metavar="TEXT|ID", help="a word or phrase (word datasets), an item key or a query number")
+    p.add_argument("text", metavar="TEXT|ID", help="a word or phrase (word datasets), an item key, or a query number "
+                                                    "(digits 0-9; an item with that key wins)")
     p.add_argument("-k", type=int, default=10, help="neighbours to show (default 10)")
     p.add_argument("--search-k", type=int, default=None, help="candidates to inspect (default or -1: k * n_trees)")
     mode = p.add_mutually_exclusive_group()

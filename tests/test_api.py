@@ -118,6 +118,30 @@ def test_open_what_serves_and_query_it_every_way(built):
         assert hits.to_dict()["keys"] == hits.keys
 
 
+def test_a_handle_without_numba_answers_the_same(built):
+    """compiled=False (what `grove query` opens): the numpy twins give the same keys, ids and
+    distance bits as the compiled kernels, approximate and exact, one by one and in a batch; the
+    attribute switches a handle either way."""
+    root = built["root"]
+    with api.open_index(DATASET, root=root) as compiled, api.open_index(DATASET, root=root, compiled=False) as twin:
+        assert compiled.compiled and not twin.compiled
+        keys = compiled.held_out_keys()[:12] + ["train/4", "train/0", "train/399"]
+        for key in keys:
+            for kwargs in ({"k": 5}, {"k": 3, "search_k": 0}, {"k": 10, "search_k": 5000}, {"k": 4, "exact": True}):
+                a, b = compiled.query_key(key, **kwargs), twin.query_key(key, **kwargs)
+                assert a.keys == b.keys and a.ids.tolist() == b.ids.tolist(), (key, kwargs)
+                assert a.distances.tobytes() == b.distances.tobytes(), (key, kwargs)
+        rows = np.stack([compiled.vector(key) for key in keys])
+        for exact in (False, True):
+            a = compiled.query_batch(rows, k=4, n_threads=2, exact=exact)
+            b = twin.query_batch(rows, k=4, n_threads=2, exact=exact)
+            assert [h.keys for h in a] == [h.keys for h in b]
+            assert [h.distances.tobytes() for h in a] == [h.distances.tobytes() for h in b]
+        assert "train/4" in twin and "test/0" in twin and "train/400" not in twin and 3 not in twin
+        twin.compiled = True
+        assert twin.query_key("train/4", k=3).keys == compiled.query_key("train/4", k=3).keys
+
+
 def test_open_a_named_or_the_latest_version(built):
     root = built["root"]
     with api.open_index(DATASET, root=str(root), version=built["second"]) as index:
@@ -316,6 +340,12 @@ def test_query_text_on_a_word_dataset(tiny_words):
         assert np.isclose(np.linalg.norm(vector), 1.0) and exclude == {"chinese", "river"}
         assert index.query(vector, k=3, exclude=exclude).keys == hits.keys
         assert index.query_text("chinese river", k=3, exact=True).keys[0] == "yangtze"
+        index.compiled = False  # the numpy twins: the same phrase vector and answer
+        twin_vector, _ = index.text_vector("chinese river")
+        assert twin_vector.tobytes() == vector.tobytes()
+        assert index.query_text("chinese river", k=3).distances.tobytes() == hits.distances.tobytes()
+        assert index.query_text("chinese river", k=3, exact=True).keys[0] == "yangtze"
+        index.compiled = True
         with pytest.raises(api.UnknownKeyError, match="not in the vocabulary: xyzzy"):
             index.query_text("chinese xyzzy")
         assert index.query_key("yangtze", k=1).keys[0] != "yangtze"

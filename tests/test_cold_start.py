@@ -211,3 +211,64 @@ def test_warm_fills_the_scratch_cache_of_a_read_only_install_and_a_query_then_co
     assert Path(seen["package"]).is_relative_to(site)
     assert seen["compiled"] == 0 and seen["loaded"] > 0, seen
     assert all(Path(p).is_relative_to(scratch / "numba") for p in seen["caches"]), seen["caches"]
+
+
+def test_an_index_answers_without_numba_when_asked(saved_forest):
+    """Forest.query(compiled=False) and the one-query exact search of pipeline._numpy_kernels run in a
+    process that never imports numba (nor scipy, whose BLAS probe numba would start)."""
+    seen = run_python(f"""
+        import json, sys
+        import numpy as np
+        from pipeline import _numpy_kernels
+        from pipeline.forest import Forest
+        from pipeline.vectors import read_vectors
+        base = read_vectors({str(saved_forest / "base.arrow")!r})
+        forest = Forest.load({str(saved_forest / "index")!r}, metric="angular", dim=40)
+        row = np.asarray(base.vectors[3], dtype=np.float32)
+        ids, dists = forest.query(row, k=5, include_distances=True, compiled=False)
+        exact_ids, _ = _numpy_kernels.exact_neighbors_one(base.vectors, row, 5, "angular")
+        print(json.dumps({{"ids": ids.tolist(), "exact": exact_ids.tolist(),
+                          "loaded": sorted(m for m in ("numba", "llvmlite", "scipy") if m in sys.modules)}}))
+    """)
+    assert seen["loaded"] == [] and seen["ids"][0] == 3 == seen["exact"][0]
+
+
+from test_api import two_versions  # noqa: E402 - tinymnist built and serving, once per session
+
+
+def test_grove_query_answers_without_numba_and_as_the_compiled_kernels_do(tmp_path_factory, tmp_path):
+    """`grove query` in a fresh process: the numpy twins answer (numba is never imported) with the
+    same keys and distances as the compiled kernels; a search_k above NUMPY_QUERY_MAX_SEARCH_K loads
+    the compiled kernels instead, and they answer the same again."""
+    from pipeline import api
+    from tasks.cli import NUMPY_QUERY_MAX_SEARCH_K
+
+    built = two_versions(tmp_path_factory)
+    env = {**built["env"], "GROVE_SCRATCH": str(tmp_path / "scratch")}
+    runs = {}
+    for name, extra in (("numpy", []), ("compiled", ["--search-k", str(NUMPY_QUERY_MAX_SEARCH_K + 1)])):
+        runs[name] = run_python(f"""
+            import contextlib, io, json, sys
+            import tasks.cli
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                code = tasks.cli.main(["query", "tinymnist", "test/3", "-k", "4", *{extra!r}])
+            print(json.dumps({{"code": code, "lines": out.getvalue().splitlines(),
+                              "numba": "numba" in sys.modules, "scipy": "scipy" in sys.modules,
+                              "blas_probe": "scipy.linalg" in sys.modules}}))
+        """, cwd=tmp_path, PYTHONPATH=str(REPO), **env)
+    assert runs["numpy"]["code"] == 0 == runs["compiled"]["code"]
+    assert (runs["numpy"]["numba"], runs["numpy"]["scipy"]) == (False, False)
+    assert runs["compiled"]["numba"] and not runs["compiled"]["blas_probe"]  # numba's BLAS probe is skipped there
+    assert runs["numpy"]["lines"][0].endswith("numpy kernels)")
+    assert runs["compiled"]["lines"][0].endswith("compiled kernels)")
+    with api.open_index("tinymnist", root=built["root"]) as index:
+        approx = index.query_key("test/3", k=4)
+        exact = index.query_key("test/3", k=4, exact=True)
+        big = index.query_key("test/3", k=4, search_k=NUMPY_QUERY_MAX_SEARCH_K + 1)
+    for name, hits in (("numpy", approx), ("compiled", big)):
+        rows = [line.split() for line in runs[name]["lines"][2:]]
+        assert [r[1] for r in rows] == approx.keys if name == "numpy" else big.keys
+        assert [r[3] for r in rows] == exact.keys
+        assert [r[2] for r in rows] == [f"{d:.4f}" for d in hits.distances]
+        assert [r[4] for r in rows] == [f"{d:.4f}" for d in exact.distances]
