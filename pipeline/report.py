@@ -272,11 +272,14 @@ def _trend_plot(evaluations: Sequence[Mapping], target: float) -> str:
         ax.set_ylabel(unit, fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.tick_params(labelsize=8)
-        locator = mdates.AutoDateLocator(maxticks=5)
+        locator = mdates.AutoDateLocator(minticks=3, maxticks=7)  # every span has a tick interval
         ax.xaxis.set_major_locator(locator)
         ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
-        if len(set(when)) == 1:  # one date: a day either side so the point sits in the middle
-            ax.set_xlim(when[0] - timedelta(days=1), when[0] + timedelta(days=1))
+        if max(when) - min(when) < timedelta(days=1):
+            # one date, or builds minutes apart: a day either side, so the points sit in the middle
+            # (over a span of seconds the date locator finds no tick interval and warns)
+            middle = min(when) + (max(when) - min(when)) / 2
+            ax.set_xlim(middle - timedelta(days=1), middle + timedelta(days=1))
         finite = [y for y in ys if math.isfinite(y)]
         if key == "best_recall" and finite:
             ax.set_ylim(max(0.0, min(finite) - 0.05), 1.005)

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +302,22 @@ def test_wrong_label_neighbours_are_framed_red():
     assert _red_pixels(plot_neighbours(ex)) > 100
     ex.neighbour_labels[0, 9] = 1
     assert _red_pixels(plot_neighbours(ex)) == 0
+
+
+@pytest.mark.parametrize("seconds", [0, 5, 3600, 86400, 3 * 86400, 40 * 86400, 400 * 86400])
+def test_the_trend_plot_of_evaluations_seconds_or_days_apart_draws_without_warnings(seconds):
+    """Builds a few seconds apart (tests, a rebuild right after a run) left matplotlib's date locator
+    with no tick interval, and it warned; the axis now spans a day either side of them."""
+    import warnings
+
+    from pipeline import report
+
+    evaluations = [{"created_utc": "2026-11-30T10:00:00+00:00", "best_recall": 0.9, "qps_at_target": 100.0,
+                    "build_seconds": 2.0}]
+    later = datetime.fromisoformat("2026-11-30T10:00:00+00:00") + timedelta(seconds=seconds)
+    evaluations.append({"created_utc": later.isoformat(), "best_recall": 0.95, "qps_at_target": None,
+                        "build_seconds": 3.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        uri = report._trend_plot(evaluations, 0.9)
+    assert uri.startswith("data:image/png;base64,")
