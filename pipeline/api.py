@@ -358,20 +358,18 @@ class Index:
             q = _check_vectors(vectors, v.forest.dim)
             if len(q) == 0:
                 return []
-            if exact and not self.compiled:
-                pairs = [_exact_one(v, row, k, False) for row in q]
-                ids, dists = [p[0] for p in pairs], [p[1] for p in pairs]
-            elif exact:
+            if exact and self.compiled:
                 from .exact import exact_neighbors
 
                 ids, dists = exact_neighbors(v.base.vectors, q, k, v.forest.metric, base_normalized=v.normalized)
-            elif n_threads == 1 or not self.compiled:
-                pairs = [v.forest.query(row, k=k, search_k=search_k, include_distances=True, compiled=self.compiled)
-                         for row in q]
-                ids, dists = [p[0] for p in pairs], [p[1] for p in pairs]
-            else:
+            elif not exact and self.compiled and n_threads != 1:
                 ids, dists = v.forest.query_batch(q, k=k, search_k=search_k, n_threads=n_threads,
                                                   include_distances=True)
+            else:  # row by row: in this thread, or with the numpy twins
+                pairs = [_exact_one(v, row, k, False) if exact else
+                         v.forest.query(row, k=k, search_k=search_k, include_distances=True, compiled=self.compiled)
+                         for row in q]
+                ids, dists = [p[0] for p in pairs], [p[1] for p in pairs]
             return [_answer(v, i, d, k, set(), distances) for i, d in zip(ids, dists)]
 
     def query_key(self, key: str, k: int = 10, search_k: int | None = None, distances: bool = True,

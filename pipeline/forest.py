@@ -379,7 +379,7 @@ class Forest:
             )
         data = _prepare_vectors(x32, metric, threads)
         # The seeds of trees 0..n_trees-1: a prefix of one stream, so tree t's seed (and so the tree)
-        # is the same in a forest of any size (tests/test_forest_shards.py checks it).
+        # is the same in a forest of any size (tests/test_shards.py checks it).
         tree_seeds = np.random.SeedSequence(int(seed)).generate_state(int(n_trees), dtype=np.uint64)
         split_dim = resolved_build_params(x.shape[1], metric, leaf_size, split_dim)["split_dim"]
         basis = _split_basis(data, split_dim, int(seed)) if split_dim else None

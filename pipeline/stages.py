@@ -48,7 +48,7 @@ from .layout import REPORT_HTML, REPORT_JSON, RESULTS_JSON, RESULTS_PARQUET, TIM
 from .decode import DECODERS
 from .exact import exact_neighbors, normalize_rows
 from .artifacts import location, read_manifest, ref_from_key, store_of, version_dir
-from .vectors import VectorTable, VectorTableWriter, read_vectors, write_vectors
+from .vectors import VectorTable, VectorTableWriter, read_vectors
 
 if TYPE_CHECKING:
     from .config import DatasetConfig
@@ -376,8 +376,6 @@ def write_exact(cfg: DatasetConfig, split: Path, out: Path, report: Report = _qu
 
     ``parts``: the directories of ``exact-part`` versions covering the queries in order (``shards``):
     their rows are concatenated instead of searched, the same bytes (``write_exact_part``)."""
-    from .progress import Rate, format_duration
-
     if parts:
         ids = np.concatenate([np.load(p / layout.NEIGHBORS, mmap_mode="r") for p in parts])
         dists = np.concatenate([np.load(p / layout.DISTANCES, mmap_mode="r") for p in parts])

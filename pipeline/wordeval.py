@@ -47,6 +47,11 @@ def gensim_test_file(name: str) -> Path:
     return path
 
 
+def _folder(case_insensitive: bool):
+    """gensim's case folding of a word (upper case), or the word as it is."""
+    return str.upper if case_insensitive else (lambda w: w)
+
+
 class _Vocab:
     """The first ``restrict_vocab`` words, unit-normalised, with gensim's case folding.
 
@@ -72,7 +77,7 @@ class _Vocab:
         ):
             raise ConfigError(f"restrict_vocab must be a positive integer or None, got {restrict_vocab!r}")
         n = len(words) if restrict_vocab is None else min(int(restrict_vocab), len(words))
-        self.fold = str.upper if case_insensitive else (lambda w: w)
+        self.fold = _folder(case_insensitive)
         self.index: dict[str, int] = {}
         self.groups: dict[str, list[int]] = {}  # keys shared by several rows ("Apple", "apple")
         if wanted is not None:
@@ -156,7 +161,7 @@ def word_similarity(
     from scipy import stats
 
     path = _check_file(pairs_path)
-    fold = str.upper if case_insensitive else (lambda w: w)
+    fold = _folder(case_insensitive)
     pairs = []
     n_invalid = 0
     with open(path, encoding="utf-8") as fin:

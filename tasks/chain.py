@@ -205,15 +205,21 @@ class Part(GroveTask):
             super().run()
 
 
+def _embed_inputs(task: GroveTask) -> dict:
+    """What an embedding reads besides the decoded items: the trained CNN and cached features when
+    the config has them, and torch's thread count (significant: its results depend on it)."""
+    refs = task.parent_refs()
+    return {"trained": task.parent_path("train") if "train" in refs else None,
+            "features": task.parent_path("features") if "features" in refs else None,
+            "threads": task.cfg.train.threads}
+
+
 class EmbedPart(Part):
     stage = "embed-part"
 
     def write(self, tmp: Path):
-        refs = self.parent_refs()
         return self.spec.write(self.cfg, self.parent_path("decode"), tmp, self.first, self.last, self.report,
-                               trained=self.parent_path("train") if "train" in refs else None,
-                               features=self.parent_path("features") if "features" in refs else None,
-                               threads=self.cfg.train.threads)
+                               **_embed_inputs(self))
 
 
 class Embed(Sharded):
@@ -225,11 +231,7 @@ class Embed(Sharded):
         return None if rows is None else stages.shard_ranges(rows, shards, stages.EMBED_BLOCK_ROWS)
 
     def write(self, tmp: Path):
-        refs = self.parent_refs()
-        return self.spec.write(self.cfg, self.parent_path("decode"), tmp, self.report,
-                               trained=self.parent_path("train") if "train" in refs else None,
-                               features=self.parent_path("features") if "features" in refs else None,
-                               threads=self.cfg.train.threads,  # significant: torch's results depend on it
+        return self.spec.write(self.cfg, self.parent_path("decode"), tmp, self.report, **_embed_inputs(self),
                                parts=self.part_dirs())
 
 
@@ -275,17 +277,24 @@ class Exact(Sharded):
 ExactPart.whole_class = Exact
 
 
+def _published_manifest(task: GroveTask) -> dict | None:
+    """The manifest of ``task``'s published version; None while it is not built (the digests that
+    depend on it are then provisional, see pipeline.stages)."""
+    ref = task.output().ref
+    return artifacts.read_manifest(ref, verify="none") if ref.exists() else None
+
+
 def _manifest_rows(task: GroveTask, name: str) -> int | None:
     """A row count the published version of ``task`` records (``rows[name]``); None while it is not built."""
-    ref = task.output().ref
-    return artifacts.read_manifest(ref, verify="none")["rows"][name] if ref.exists() else None
+    manifest = _published_manifest(task)
+    return None if manifest is None else manifest["rows"][name]
 
 
 def _vector_dim(task: GroveTask) -> int | None:
     """The width of the vectors an index is built over (the embed stage's manifest records it), None
     while they are not built: a forest's digest is then provisional (see stages.stage_params)."""
-    embed = task.clone(Embed).output().ref
-    return artifacts.read_manifest(embed, verify="none").get("dim") if embed.exists() else None
+    manifest = _published_manifest(task.clone(Embed))
+    return None if manifest is None else manifest.get("dim")
 
 
 class ForestPart(GroveTask):
@@ -337,9 +346,9 @@ class Evaluate(GroveTask):
     def split_rows(self) -> dict:
         """The split's row counts, ``{"base": n, "queries": n}`` (its manifest records them); {} while it
         is not built (the digest is then provisional, see pipeline.stages)."""
-        split = self.clone(Split).output().ref
         try:
-            return dict(artifacts.read_manifest(split, verify="none")["rows"]) if split.exists() else {}
+            manifest = _published_manifest(self.clone(Split))
+            return {} if manifest is None else dict(manifest["rows"])
         except (ArtifactError, KeyError, TypeError, ValueError):
             return {}  # a damaged manifest: this stage's run reports it when it verifies its parents
 
